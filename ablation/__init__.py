@@ -1,0 +1,1 @@
+"""SAE math, profile specs, SAE loading, SAE training and feature discovery."""

@@ -1,0 +1,152 @@
+"""Profile specs: what a request's residual-stream intervention is, as data.
+
+A profile is a YAML file. It names the model it is for (or none: any model), an optional prompt
+prefix (the prompted baseline) and a list of interventions, each at one TransformerLens hook point
+with one SAE. See `ablation/profiles/*.yaml` for the shipped ones.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+HOOKPOINT_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureEdit(_Strict):
+    feature: int = Field(ge=0)
+    # the activation the feature is set to: 0 = the seed's ablation, negative = clamping
+    value: float = 0.0
+
+
+class Intervention(_Strict):
+    hookpoint: str
+    # "release:sae_id" for a sae_lens release, or a directory saved with `save_model`
+    # (relative paths are resolved against the profile file's directory)
+    sae: str
+    # false: the residual becomes the SAE's (edited) reconstruction, as in the seed.
+    # true: x + decode(edited) - decode(acts), so only the edited features change the residual.
+    keep_error: bool = False
+    # where an edit applies: every position; only positions where that feature fires;
+    # or every position from the first one in the sequence where any edited feature fired.
+    condition: Literal["always", "token", "sequence"] = "always"
+    edits: list[FeatureEdit] = []
+
+    @field_validator("hookpoint")
+    @classmethod
+    def _known_hookpoint(cls, v: str) -> str:
+        if not HOOKPOINT_RE.match(v):
+            raise ValueError(
+                f"hookpoint {v!r} is not supported; use blocks.<L>.hook_resid_pre or blocks.<L>.hook_resid_post"
+            )
+        return v
+
+    @property
+    def layer(self) -> int:
+        return int(HOOKPOINT_RE.match(self.hookpoint).group(1))
+
+
+class ProfileMetadata(_Strict):
+    version: int = 1
+    notes: str = ""
+
+
+class ProfileSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    # model name this profile is for; None = any model
+    model: str | None = None
+    prefix: str = ""
+    interventions: list[Intervention] = []
+    metadata: ProfileMetadata = ProfileMetadata()
+
+    @field_validator("interventions")
+    @classmethod
+    def _one_per_hookpoint(cls, v: list[Intervention]) -> list[Intervention]:
+        points = [i.hookpoint for i in v]
+        if len(points) != len(set(points)):
+            raise ValueError("at most one intervention per hookpoint")
+        return v
+
+    def summary(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Reads one profile file, merging `include:` (a sibling file) under its own keys."""
+    if path in seen:
+        raise ProfileError(f"{path}: include cycle")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: a profile must be a YAML mapping")
+    include = data.pop("include", None)
+    if include is None:
+        return data
+    base = _read_yaml((path.parent / include).resolve(), seen + (path,))
+    base.pop("name", None)
+    return {**base, **data}
+
+
+def _resolve_sae_paths(spec: ProfileSpec, base: Path) -> ProfileSpec:
+    fixed = []
+    for iv in spec.interventions:
+        sae = iv.sae
+        if ":" not in sae or Path(sae).is_absolute():
+            sae = str((base / sae).resolve())
+        fixed.append(iv.model_copy(update={"sae": sae}))
+    return spec.model_copy(update={"interventions": fixed})
+
+
+def load_profile(path: str | Path) -> ProfileSpec:
+    path = Path(path).resolve()
+    data = _read_yaml(path)
+    try:
+        spec = ProfileSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "profile"
+        raise ProfileError(f"{path}: {where}: {err['msg']}") from None
+    return _resolve_sae_paths(spec, path.parent)
+
+
+def default_profiles_dir() -> Path:
+    return Path(__file__).parent / "profiles"
+
+
+def load_profiles(dirs: list[str | Path], model: str) -> dict[str, ProfileSpec]:
+    """All profiles in `dirs` that apply to `model` (later directories override earlier ones)."""
+    found: dict[str, ProfileSpec] = {}
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise ProfileError(f"{d}: profiles directory not found")
+        for path in sorted(d.glob("*.yaml")):
+            spec = load_profile(path)
+            if spec.model is None or model_matches(spec.model, model):
+                found[spec.name] = spec
+    if "baseline" not in found:
+        found["baseline"] = ProfileSpec(name="baseline", description="no intervention")
+    return found
+
+
+def model_matches(wanted: str, served: str) -> bool:
+    """`google/gemma-2b` matches a served `gemma-2b`, a local path ending in it, and itself."""
+    tail = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
+    return wanted == served or tail(wanted) == tail(served)

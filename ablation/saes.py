@@ -1,0 +1,43 @@
+"""Loading SAEs through sae_lens: a release + id, or a directory saved with `save_model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from sae_lens import SAE
+
+
+class SAELoadError(ValueError):
+    pass
+
+
+def load_sae(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SAE:
+    """`ref` is a directory (cfg.json + sae_weights.safetensors) or `release:sae_id`.
+
+    Releases load by name so sae_lens folds their norm scaling factor into the weights
+    (gemma-2b-res-jb needs ≈0.2138; the raw folder without it reconstructs wrongly).
+    """
+    dtype_name = str(dtype).removeprefix("torch.")
+    path = Path(ref)
+    if path.is_dir():
+        if not (path / "cfg.json").exists():
+            raise SAELoadError(f"{ref}: not an SAE directory (no cfg.json)")
+        sae = SAE.load_from_disk(path, device=device, dtype=dtype_name)
+    elif ":" in ref and not path.is_absolute():
+        release, sae_id = ref.split(":", 1)
+        try:
+            sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype_name)
+        except Exception as e:  # hub errors, unknown release/id
+            raise SAELoadError(f"cannot load SAE {ref!r}: {e}") from e
+    else:
+        raise SAELoadError(f"SAE {ref!r} not found: give a directory or release:sae_id")
+    sae.eval()
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    if sae.cfg.normalize_activations not in ("none",):
+        raise SAELoadError(
+            f"SAE {ref!r} uses run-time activation normalisation "
+            f"({sae.cfg.normalize_activations}); fold it into the weights before serving"
+        )
+    return sae

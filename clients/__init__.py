@@ -1,0 +1,1 @@
+"""HTTP clients for obliviate (and any OpenAI-compatible server that accepts a profile)."""

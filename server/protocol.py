@@ -1,0 +1,144 @@
+"""Wire models only (no torch, no engine): importable by clients/ and evals/.
+
+Fields are in the order of OpenAI's API reference; obliviate's extensions sit in one marked block.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger("obliviate.protocol")
+
+MAX_LOGPROBS = 20
+MAX_N = 16
+
+
+class OpenAIBaseModel(BaseModel):
+    # unknown fields are accepted (as OpenAI clients send new ones) and logged
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_extra(self):
+        if self.model_extra:
+            log.warning("ignoring unknown fields: %s", sorted(self.model_extra))
+        return self
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool = False
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int = Field(default=16, ge=0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    presence_penalty: float = 0.0
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # --- obliviate extensions ---------------------------------------------------------------
+    # the ablation profile; may also be given as the model name ("hp_unlearn" or
+    # "gemma-3-270m:hp_unlearn") for clients that cannot add fields
+    profile: str | None = None
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompt as a list of strings or a list of token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class Logprobs(BaseModel):
+    text_offset: list[int] = []
+    token_logprobs: list[float | None] = []
+    tokens: list[str] = []
+    top_logprobs: list[dict[str, float] | None] | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    # --- obliviate extensions ---
+    profile: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "obliviate"
+    root: str | None = None
+    # --- obliviate extensions ---
+    profile: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ProfileCard(BaseModel):
+    name: str
+    description: str = ""
+    model: str | None = None
+    prefix: str = ""
+    interventions: list[dict[str, Any]] = []
+    version: int = 1
+
+
+class ProfileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ProfileCard]
