@@ -75,6 +75,9 @@ class BatchState:
         self.fired, self.valid = {}, None
         self._index()
 
+    def end(self) -> None:
+        self.rows_for, self.fired, self.valid = {}, {}, None
+
     def keep(self, rows: torch.Tensor) -> None:
         """Drops finished rows: `rows` [B'] are the row indices that stay, in their new order."""
         self.profile_ids = self.profile_ids[rows.cpu()]
@@ -146,13 +149,16 @@ def ablated(tl_model, profile: ProfileSpec, table: ProfileTable | None = None):
     state = BatchState()
     try:
         for hp, entries in table.by_hook.items():
+            mine = [e for e in entries if e.profile == idx]
+            if not mine:
+                continue
             if hp not in names:
                 raise ValueError(f"hookpoint {hp!r} not found in the model")
-            hook = ResidualHook(hp, [e for e in entries if e.profile == idx], state)
+            residual_hook = ResidualHook(hp, mine, state)
 
-            def fn(x, hook_point, hook=hook):
+            def fn(x, hook, residual_hook=residual_hook):
                 state.rows_for = {idx: torch.arange(x.shape[0], device=x.device)}
-                return hook(x)
+                return residual_hook(x)
             tl_model.add_hook(hp, fn)
         yield tl_model
     finally:

@@ -220,6 +220,12 @@ class Engine:
     @torch.inference_mode()
     def generate(self, seqs: list[Sequence]) -> None:
         self.state.begin([s.profile for s in seqs], self.lm.device)
+        try:
+            self._generate(seqs)
+        finally:
+            self.state.end()  # idle hooks are no-ops
+
+    def _generate(self, seqs: list[Sequence]) -> None:
         hidden, mask, cache, pos = self.prefill(seqs)
         live = [s for s in seqs if not self._finish_without_tokens(s)]
         if len(live) < len(seqs):

@@ -1,0 +1,105 @@
+"""The SAE edit math on synthetic residuals, for every SAE architecture."""
+
+import pytest
+import torch
+
+from ablation.edit import EditTensors, apply_edits, edit_columns, encode
+from ablation.profiles import FeatureEdit, Intervention
+from tests.helpers import ALL_ARCHITECTURES, DEAD, build_sae, identity_sae
+
+D = 32
+
+
+def edit(keep_error=False, condition="always", **features):
+    iv = Intervention(hookpoint="blocks.0.hook_resid_post", sae="x:y", keep_error=keep_error, condition=condition,
+                      edits=[FeatureEdit(feature=int(f[1:]), value=v) for f, v in features.items()])
+    return EditTensors.from_intervention(iv)
+
+
+@pytest.fixture
+def x():
+    return torch.randn(3, 7, D, generator=torch.Generator().manual_seed(1)) * 5
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_empty_error_preserving_profile_returns_x_unchanged(arch, x):
+    out, _ = apply_edits(x, build_sae(arch, D, 64), edit(keep_error=True))
+    assert out is x
+
+
+def test_identity_sae_reconstruction_is_exact(x):
+    out, _ = apply_edits(x, identity_sae(D), edit())
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_sae_only_is_the_reconstruction(arch, x):
+    sae = build_sae(arch, D, 64)
+    out, _ = apply_edits(x, sae, edit())
+    torch.testing.assert_close(out, sae.decode(sae.encode(x)))
+    assert not torch.allclose(out, x)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_keep_error_moves_x_only_along_edited_decoder_rows(arch, x):
+    sae = build_sae(arch, D, 64)
+    acts = encode(sae, x)
+    f = int(acts.sum((0, 1)).argmax())  # a feature that fires
+    out, _ = apply_edits(x, sae, edit(keep_error=True, **{f"f{f}": -2.0}))
+    expected = x + (-2.0 - acts[..., f:f + 1]) * sae.W_dec[f]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    # the same as x + decode(a') - decode(a), the error term kept
+    edited = acts.clone()
+    edited[..., f] = -2.0
+    torch.testing.assert_close(out, x + sae.decode(edited) - sae.decode(acts), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_zero_ablation_inside_reconstruction(arch, x):
+    sae = build_sae(arch, D, 64)
+    acts = encode(sae, x)
+    f = int(acts.sum((0, 1)).argmax())
+    out, _ = apply_edits(x, sae, edit(**{f"f{f}": 0.0}))
+    acts[..., f] = 0
+    torch.testing.assert_close(out, sae.decode(acts))
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_edits_of_features_that_never_fire_change_nothing(arch, x):
+    sae = build_sae(arch, D, 64)
+    assert (encode(sae, x)[..., DEAD] == 0).all()
+    zero, _ = apply_edits(x, sae, edit(keep_error=True, **{f"f{f}": 0.0 for f in DEAD}))
+    clamp, _ = apply_edits(x, sae, edit(keep_error=True, condition="token", **{f"f{f}": -9.0 for f in DEAD}))
+    assert torch.equal(zero, x) and torch.equal(clamp, x)
+
+
+def test_token_condition_clamps_only_where_the_feature_fires():
+    acts = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [0.0, 0.0]]])  # [1, 3, 2]
+    old, new, _ = edit_columns(acts, edit(condition="token", f0=-5.0))
+    assert new[0, :, 0].tolist() == [0.0, -5.0, 0.0]
+    assert torch.equal(old, acts[..., :1])
+
+
+def test_sequence_condition_starts_at_first_firing_and_respects_padding():
+    acts = torch.tensor([[[0.0], [0.0], [3.0], [0.0]],
+                         [[4.0], [0.0], [0.0], [0.0]]])  # [2, 4, 1]
+    valid = torch.tensor([[True] * 4, [False, True, True, True]])  # row 1: position 0 is padding
+    _, new, fired = edit_columns(acts, edit(condition="sequence", f0=-1.0), valid)
+    assert new[0, :, 0].tolist() == [0.0, 0.0, -1.0, -1.0]
+    assert new[1, :, 0].tolist() == [4.0, 0.0, 0.0, 0.0]  # a feature firing on padding does not count
+    assert fired.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_sequence_condition_carried_across_steps_equals_one_pass(arch, x):
+    sae = build_sae(arch, D, 64)
+    acts = encode(sae, x)
+    f = int(acts.sum((0, 1)).argmax())
+    e = edit(keep_error=True, condition="sequence", **{f"f{f}": -3.0})
+    whole, _ = apply_edits(x, sae, e)
+    first, fired = apply_edits(x[:, :4], sae, e)
+    rest = []
+    for t in range(4, x.shape[1]):  # one token at a time, as decoding does
+        y, fired = apply_edits(x[:, t:t + 1], sae, e, fired=fired)
+        rest.append(y)
+    torch.testing.assert_close(torch.cat([first, *rest], 1), whole)

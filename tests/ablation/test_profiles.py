@@ -1,0 +1,53 @@
+"""Profile files: strict parsing, includes, SAE path resolution, the shipped profiles."""
+
+import pytest
+
+from ablation.profiles import ProfileError, default_profiles_dir, load_profile, load_profiles
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_profiles_load_and_seed_profiles_are_for_gemma_2b():
+    served = load_profiles([default_profiles_dir()], "gemma-3-270m")
+    assert {"baseline", "prompted"} <= set(served)
+    assert "Harry Potter" in served["prompted"].prefix
+    seed = load_profiles([default_profiles_dir()], "google/gemma-2b")
+    iv = seed["hp_unlearn"].interventions[0]
+    assert (iv.hookpoint, iv.sae) == ("blocks.12.hook_resid_post", "gemma-2b-res-jb:blocks.12.hook_resid_post")
+    assert [e.feature for e in iv.edits] == [10130, 776] and not iv.keep_error
+    assert seed["sae_only"].interventions[0].edits == []
+
+
+def test_unknown_key_is_rejected_with_file_and_field(tmp_path):
+    p = write(tmp_path, "bad.yaml", "name: x\ninterventions:\n- {hookpoint: blocks.1.hook_resid_post, sae: a:b, mode: zero}\n")
+    with pytest.raises(ProfileError, match=r"bad.yaml: interventions.0.mode: Extra inputs are not permitted"):
+        load_profile(p)
+
+
+def test_bad_hookpoint_and_yaml(tmp_path):
+    p = write(tmp_path, "hp.yaml", "name: x\ninterventions:\n- {hookpoint: blocks.1.attn, sae: a:b}\n")
+    with pytest.raises(ProfileError, match="hook_resid_pre or"):
+        load_profile(p)
+    with pytest.raises(ProfileError, match="not valid YAML"):
+        load_profile(write(tmp_path, "y.yaml", "name: [x\n"))
+    with pytest.raises(ProfileError, match="file not found"):
+        load_profile(tmp_path / "missing.yaml")
+
+
+def test_include_and_relative_sae_path(tmp_path):
+    write(tmp_path, "base.yaml", "name: base\nmodel: m\ninterventions:\n- {hookpoint: blocks.2.hook_resid_post, sae: saes/s1}\n")
+    p = write(tmp_path, "child.yaml", "include: base.yaml\nname: child\ndescription: more\n")
+    spec = load_profile(p)
+    assert spec.name == "child" and spec.model == "m"
+    assert spec.interventions[0].sae == str((tmp_path / "saes/s1").resolve())
+
+
+def test_profiles_for_other_models_are_not_served(tmp_path):
+    write(tmp_path, "a.yaml", "name: a\nmodel: google/gemma-2b\n")
+    write(tmp_path, "b.yaml", "name: b\n")
+    assert set(load_profiles([tmp_path], "gemma-3-270m")) == {"b", "baseline"}
+    assert set(load_profiles([tmp_path], "/models/gemma-2b")) == {"a", "b", "baseline"}

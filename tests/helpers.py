@@ -1,0 +1,77 @@
+"""Builders for tests: seeded random SAEs of every architecture, saved in sae_lens format, and
+profile files that point at them. Never shipped as served profiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+ALL_ARCHITECTURES = ["standard", "jumprelu", "topk"]
+HOOKPOINT = "blocks.6.hook_resid_post"
+DEAD = [3, 7]  # features built never to fire
+
+
+def build_sae(arch: str, d_in: int, d_sae: int = 256, seed: int = 0, scale: float = 1.0):
+    """A random SAE whose features fire on a share of tokens; features in DEAD never fire."""
+    g = torch.Generator().manual_seed(seed)
+    if arch == "standard":
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    elif arch == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae))
+    elif arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=16))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():
+        w = torch.randn(d_sae, d_in, generator=g) / d_in**0.5
+        sae.W_dec.copy_(w)
+        sae.W_enc.copy_(w.T / scale)
+        sae.b_enc.copy_(torch.zeros(d_sae))
+        sae.b_enc[DEAD] = -1e30
+        if arch == "jumprelu":
+            sae.threshold.copy_(torch.full((d_sae,), 0.5))
+    return sae
+
+
+def identity_sae(d_in: int) -> StandardSAE:
+    """acts = [relu(x), relu(-x)], decode = relu(x) - relu(-x) = x: a perfect reconstruction."""
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=2 * d_in))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def save_sae(sae, path: Path, hookpoint: str = HOOKPOINT) -> Path:
+    sae.cfg.metadata.hook_name = hookpoint
+    sae.save_model(path)
+    return path
+
+
+def write_profile(dir: Path, name: str, sae_dir: Path, hookpoint: str = HOOKPOINT, **iv) -> Path:
+    spec = {"name": name, "description": f"test profile {name}", "model": "gemma-3-270m",
+            "interventions": [{"hookpoint": hookpoint, "sae": str(sae_dir), **iv}]}
+    path = dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# profile name -> intervention fields (besides hookpoint and sae); the random SAE is "standard"
+TEST_PROFILES = {
+    "t_sae_only": {},
+    "t_zero": {"edits": [{"feature": 1, "value": 0.0}, {"feature": 2, "value": 0.0}]},
+    "t_keep_error": {"keep_error": True, "edits": [{"feature": 1, "value": 0.0}, {"feature": 2, "value": 0.0}]},
+    "t_clamp": {"keep_error": True, "condition": "token",
+                "edits": [{"feature": 1, "value": -40.0}, {"feature": 2, "value": -40.0}]},
+    "t_sequence": {"keep_error": True, "condition": "sequence",
+                   "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
+    "t_dead_keep_error": {"keep_error": True, "edits": [{"feature": f, "value": 0.0} for f in DEAD]},
+    "t_dead_clamp": {"keep_error": True, "condition": "token",
+                     "edits": [{"feature": f, "value": -1000.0} for f in DEAD]},
+}
