@@ -104,12 +104,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return {**base, **data}
 
 
-def _resolve_sae_paths(spec: ProfileSpec, base: Path) -> ProfileSpec:
+def _resolve_sae_paths(spec: ProfileSpec, path: Path) -> ProfileSpec:
+    base = path.parent
     fixed = []
     for iv in spec.interventions:
         sae = iv.sae
         if ":" not in sae or Path(sae).is_absolute():
             sae = str((base / sae).resolve())
+            if not (Path(sae) / "cfg.json").exists():
+                raise ProfileError(f"{path}: SAE directory {sae} not found (no cfg.json)")
         fixed.append(iv.model_copy(update={"sae": sae}))
     return spec.model_copy(update={"interventions": fixed})
 
@@ -123,7 +126,7 @@ def load_profile(path: str | Path) -> ProfileSpec:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "profile"
         raise ProfileError(f"{path}: {where}: {err['msg']}") from None
-    return _resolve_sae_paths(spec, path.parent)
+    return _resolve_sae_paths(spec, path)
 
 
 def default_profiles_dir() -> Path:

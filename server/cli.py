@@ -65,9 +65,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="obliviate", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="obliviate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_serve(sub)
     for register in _extra_commands():
         register(sub)

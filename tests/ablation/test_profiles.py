@@ -39,11 +39,16 @@ def test_bad_hookpoint_and_yaml(tmp_path):
 
 
 def test_include_and_relative_sae_path(tmp_path):
+    (tmp_path / "saes/s1").mkdir(parents=True)
+    (tmp_path / "saes/s1/cfg.json").write_text("{}")
     write(tmp_path, "base.yaml", "name: base\nmodel: m\ninterventions:\n- {hookpoint: blocks.2.hook_resid_post, sae: saes/s1}\n")
     p = write(tmp_path, "child.yaml", "include: base.yaml\nname: child\ndescription: more\n")
     spec = load_profile(p)
     assert spec.name == "child" and spec.model == "m"
     assert spec.interventions[0].sae == str((tmp_path / "saes/s1").resolve())
+    (tmp_path / "saes/s1/cfg.json").unlink()
+    with pytest.raises(ProfileError, match=r"child.yaml: SAE directory .*saes/s1 not found"):
+        load_profile(p)
 
 
 def test_profiles_for_other_models_are_not_served(tmp_path):

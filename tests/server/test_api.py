@@ -1,0 +1,184 @@
+"""The HTTP API through the official openai client and raw httpx, on a real loopback server."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def complete(client, **kw):
+    kw = {"model": "gemma-3-270m", "max_tokens": 8, "temperature": 0, **kw}
+    return client.completions.create(**kw)
+
+
+def test_plain_completion_is_greedy_and_deterministic(client):
+    a = complete(client, prompt="The capital of France is")
+    b = complete(client, prompt="The capital of France is")
+    assert a.choices[0].text == b.choices[0].text and a.choices[0].text.strip()
+    assert a.choices[0].finish_reason == "length"
+    assert a.usage.completion_tokens == 8 and a.usage.prompt_tokens == 6
+
+
+def test_streaming_yields_the_same_text(client):
+    full = complete(client, prompt="Harry Potter studies at").choices[0].text
+    chunks = list(complete(client, prompt="Harry Potter studies at", stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert len(chunks) > 3
+
+
+def test_list_prompt_and_n(client):
+    r = complete(client, prompt=["One, two, three,", "Monday, Tuesday,"], n=2, temperature=0.8, seed=1)
+    assert len(r.choices) == 4 and [c.index for c in r.choices] == [0, 1, 2, 3]
+    r2 = complete(client, prompt=["One, two, three,", "Monday, Tuesday,"], n=2, temperature=0.8, seed=1)
+    assert [c.text for c in r.choices] == [c.text for c in r2.choices]  # seeded sampling repeats
+
+
+def test_token_id_prompt_equals_string_prompt(client, lm):
+    ids = lm.tokenizer("The capital of France is", add_special_tokens=False).input_ids
+    assert complete(client, prompt=ids).choices[0].text == complete(client, prompt="The capital of France is").choices[0].text
+
+
+def test_profile_by_field_and_by_model_name_agree(client):
+    prompt = "Harry Potter studies at"
+    base = complete(client, prompt=prompt).choices[0].text
+    by_field = complete(client, prompt=prompt, extra_body={"profile": "t_sae_only"})
+    by_alias = complete(client, prompt=prompt, model="gemma-3-270m:t_sae_only")
+    by_name = complete(client, prompt=prompt, model="t_sae_only")
+    assert by_field.choices[0].text == by_alias.choices[0].text == by_name.choices[0].text != base
+    assert by_field.model_extra["profile"] == "t_sae_only"
+
+
+@pytest.mark.parametrize("profile", ["baseline", "prompted", "t_sae_only", "t_zero", "t_keep_error", "t_clamp"])
+def test_every_profile_serves(client, profile):
+    r = complete(client, prompt="Hermione Granger is", extra_body={"profile": profile})
+    assert r.usage.completion_tokens >= 1
+
+
+def test_prompted_profile_counts_its_prefix_but_does_not_echo_it(client):
+    r = complete(client, prompt="Hi", echo=True, max_tokens=1, extra_body={"profile": "prompted"})
+    assert r.choices[0].text.startswith("Hi") and r.usage.prompt_tokens > 20
+
+
+def test_echo_logprobs_return_prompt_logprobs(client, lm):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    r = complete(client, prompt=prompt, echo=True, logprobs=2, max_tokens=0)
+    lp = r.choices[0].logprobs
+    n = len(lm.tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert r.choices[0].text == prompt and "".join(lp.tokens) == prompt and len(lp.tokens) == n
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset[-1] == prompt.rindex(" dog")
+    assert len(lp.top_logprobs) == n and all(len(t) <= 2 for t in lp.top_logprobs)
+    # the same token's logprob when generated matches the prompt logprob of " dog"
+    gen = complete(client, prompt=prompt[: prompt.rindex(" dog")], max_tokens=1, logprobs=0)
+    if gen.choices[0].text == " dog":
+        assert abs(gen.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[-1]) < 1e-3
+    # the sum differs by profile: that is what the loss eval measures
+    other = complete(client, prompt=prompt, echo=True, logprobs=0, max_tokens=0, extra_body={"profile": "t_sae_only"})
+    assert sum(other.choices[0].logprobs.token_logprobs) != sum(lp.token_logprobs)
+
+
+def test_stop_strings_cut_the_text(client):
+    full = complete(client, prompt="Monday, Tuesday, Wednesday,", max_tokens=12).choices[0].text
+    word = full.split(",")[1]
+    r = complete(client, prompt="Monday, Tuesday, Wednesday,", max_tokens=12, stop=[word])
+    assert r.choices[0].finish_reason == "stop" and word not in r.choices[0].text
+    streamed = complete(client, prompt="Monday, Tuesday, Wednesday,", max_tokens=12, stop=[word], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+def test_models_and_profiles_listing(client, server):
+    ids = {m.id for m in client.models.list().data}
+    assert {"gemma-3-270m", "gemma-3-270m:baseline", "t_clamp", "prompted"} <= ids
+    profiles = httpx.get(server.url + "/v1/profiles").json()["data"]
+    clamp = next(p for p in profiles if p["name"] == "t_clamp")
+    assert clamp["interventions"][0]["condition"] == "token"
+    assert "hp_unlearn" not in {p["name"] for p in profiles}  # gemma-2b's profile is not served here
+
+
+def error_of(server, body, status, raw=None):
+    r = httpx.post(server.url + "/v1/completions", content=raw, json=None if raw else body,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+def test_unknown_profile_lists_the_known_ones(server):
+    e = error_of(server, {"prompt": "x", "profile": "nope"}, 400)
+    assert e["param"] == "profile" and "nope" in e["message"] and "t_clamp" in e["message"]
+
+
+def test_unknown_model_is_404(server):
+    e = error_of(server, {"prompt": "x", "model": "gpt-4"}, 404)
+    assert e["code"] == "model_not_found" and "gemma-3-270m" in e["message"]
+
+
+def test_conflicting_profile_and_model_name(server):
+    e = error_of(server, {"prompt": "x", "model": "t_clamp", "profile": "baseline"}, 400)
+    assert "t_clamp" in e["message"] and "baseline" in e["message"]
+
+
+def test_prompt_longer_than_context(server):
+    e = error_of(server, {"prompt": "word " * 600, "max_tokens": 4}, 400)
+    assert e["code"] == "context_length_exceeded" and "512" in e["message"]
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 3), ("max_tokens", -1), ("top_p", 0), ("n", 99),
+                                         ("logprobs", 50), ("seed", -4)])
+def test_out_of_range_numbers(server, field, value):
+    e = error_of(server, {"prompt": "x", field: value}, 400)
+    assert e["param"] == field and field in e["message"]
+
+
+def test_malformed_json_and_missing_prompt_and_bad_tokens(server):
+    assert "malformed JSON" in error_of(server, None, 400, raw=b'{"prompt": "x",')["message"]
+    assert error_of(server, {"max_tokens": 3}, 400)["param"] == "prompt"
+    assert "token ids" in error_of(server, {"prompt": [1, 2, 10**9]}, 400)["message"]
+    assert "not supported" in error_of(server, {"prompt": "x", "logit_bias": {"1": 2}}, 400)["message"]
+
+
+def test_openai_client_raises_with_the_message(client):
+    with pytest.raises(openai.BadRequestError, match="unknown profile"):
+        complete(client, prompt="x", extra_body={"profile": "nope"})
+
+
+def test_a_bad_request_does_not_disturb_its_neighbours(server, client):
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(complete, client, prompt="The capital of France is") for _ in range(3)]
+        bad = pool.submit(error_of, server, {"prompt": "x", "profile": "nope"}, 400)
+        texts = {f.result().choices[0].text for f in good}
+    assert len(texts) == 1 and texts.pop().strip() and bad.result()["param"] == "profile"
+
+
+def test_stream_error_chunk_then_done(server):
+    with httpx.stream("POST", server.url + "/v1/completions",
+                      json={"prompt": "x", "stream": True, "max_tokens": 2, "profile": "nope"}) as r:
+        assert r.status_code == 400  # validation happens before the stream starts
+
+
+def test_metrics_count_requests_by_profile(server, client):
+    before = httpx.get(server.url + "/metrics").text
+    complete(client, prompt="One", extra_body={"profile": "t_keep_error"})
+    text = httpx.get(server.url + "/metrics").text
+
+    def value(t, line):
+        return float(next((ln.split()[-1] for ln in t.splitlines() if ln.startswith(line)), 0))
+    key = 'obliviate_requests_total{profile="t_keep_error",status="200"}'
+    assert value(text, key) == value(before, key) + 1
+    assert value(text, 'obliviate_generation_tokens_total{profile="t_keep_error"}') >= 8
+    assert 'obliviate_time_to_first_token_seconds_count{profile="t_keep_error"}' in text
+    assert "obliviate_requests_running" in text and "obliviate_batch_size_bucket" in text
+
+
+def test_health(server):
+    body = httpx.get(server.url + "/health").json()
+    assert body["status"] == "ok" and body["model"] == "gemma-3-270m"
+    assert json.dumps(body)

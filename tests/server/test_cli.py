@@ -1,0 +1,43 @@
+"""`obliviate serve` input errors: one line on stderr, exit status 2, before any model loads."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def obliviate(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(r):
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_bad_flag():
+    assert "unrecognized arguments: --bogus" in one_line_error(obliviate("serve", "--bogus"))
+    assert "invalid int value" in one_line_error(obliviate("serve", "--port", "eighty"))
+
+
+def test_missing_profiles_dir(tmp_path):
+    assert "profiles directory not found" in one_line_error(obliviate("serve", "--profiles", str(tmp_path / "nope")))
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("name: x\nedits: []\n", "edits: Extra inputs are not permitted"),
+    ("name: [x\n", "not valid YAML"),
+    ("name: x\ninterventions:\n- {hookpoint: blocks.2.hook_resid_post, sae: missing_dir}\n", None),
+])
+def test_malformed_profile(tmp_path, text, needle):
+    (tmp_path / "bad.yaml").write_text(text)
+    line = one_line_error(obliviate("serve", "--profiles", str(tmp_path)))
+    assert "bad.yaml" in line or "missing_dir" in line
+    if needle:
+        assert needle in line
+
+
+def test_unknown_model_name():
+    assert "unknown model" in one_line_error(obliviate("serve", "--model", "no-such-model", "--profiles", "/tmp"))
