@@ -23,6 +23,7 @@ class EditTensors:
     values: torch.Tensor  # [k]
     keep_error: bool
     condition: str  # "always" | "token" | "sequence"
+    skip_bos: bool = True
 
     @classmethod
     def from_intervention(cls, iv: Intervention, device: torch.device | str = "cpu") -> "EditTensors":
@@ -31,6 +32,7 @@ class EditTensors:
             values=torch.tensor([e.value for e in iv.edits], dtype=torch.float32, device=device),
             keep_error=iv.keep_error,
             condition=iv.condition,
+            skip_bos=iv.skip_bos,
         )
 
     @property
@@ -84,14 +86,18 @@ def apply_edits(
     valid: torch.Tensor | None = None,
     fired: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x: [B, S, d_model] residual -> (edited residual in x's dtype, updated `fired`)."""
+    """x: [B, S, d_model] residual -> (edited residual in x's dtype, updated `fired`).
+    valid: [B, S] positions that may be edited and may count as firing (False at padding, BOS)."""
     if edit.is_noop:
         return x, fired
     acts = encode(sae, x)
     if edit.features.numel() == 0:  # sae_only
-        return sae.decode(acts).to(x.dtype), fired
-    old, new, fired = edit_columns(acts, edit, valid, fired)
-    if edit.keep_error:  # x + sum_f (a'_f - a_f) W_dec[f]
-        return x + ((new - old) @ decoder_rows(sae, edit.features)).to(x.dtype), fired
-    acts[..., edit.features] = new
-    return sae.decode(acts).to(x.dtype), fired
+        out = sae.decode(acts).to(x.dtype)
+    else:
+        old, new, fired = edit_columns(acts, edit, valid, fired)
+        if edit.keep_error:  # x + sum_f (a'_f - a_f) W_dec[f]
+            out = x + ((new - old) @ decoder_rows(sae, edit.features)).to(x.dtype)
+        else:
+            acts[..., edit.features] = new
+            out = sae.decode(acts).to(x.dtype)
+    return (out if valid is None else torch.where(valid[..., None], out, x)), fired

@@ -66,6 +66,7 @@ class BatchState:
 
     rows_for: dict[int, torch.Tensor] = field(default_factory=dict)  # profile -> row indices [r]
     valid: torch.Tensor | None = None  # [B, S] False at padding, for this forward
+    first: torch.Tensor | None = None  # [B, S] True at position 0 (BOS), for this forward
     fired: dict[str, torch.Tensor] = field(default_factory=dict)  # hookpoint -> [B] bool
     profile_ids: torch.Tensor | None = None  # [B] on the CPU
     device: torch.device | str = "cpu"
@@ -76,7 +77,7 @@ class BatchState:
         self._index()
 
     def end(self) -> None:
-        self.rows_for, self.fired, self.valid = {}, {}, None
+        self.rows_for, self.fired, self.valid, self.first = {}, {}, None, None
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drops finished rows: `rows` [B'] are the row indices that stay, in their new order."""
@@ -104,6 +105,8 @@ class ResidualHook:
             if rows is None:
                 continue
             valid = st.valid[rows] if st.valid is not None else None
+            if e.edit.skip_bos and st.first is not None:
+                valid = ~st.first[rows] if valid is None else valid & ~st.first[rows]
             fired = st.fired.get(self.hookpoint)
             y, f = apply_edits(x[rows], e.sae, e.edit, valid, fired[rows] if fired is not None else None)
             if f is not None:
@@ -156,8 +159,10 @@ def ablated(tl_model, profile: ProfileSpec, table: ProfileTable | None = None):
                 raise ValueError(f"hookpoint {hp!r} not found in the model")
             residual_hook = ResidualHook(hp, mine, state)
 
-            def fn(x, hook, residual_hook=residual_hook):
+            def fn(x, hook, residual_hook=residual_hook):  # x: [B, S, d], BOS at position 0
                 state.rows_for = {idx: torch.arange(x.shape[0], device=x.device)}
+                state.first = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+                state.first[:, 0] = True
                 return residual_hook(x)
             tl_model.add_hook(hp, fn)
         yield tl_model

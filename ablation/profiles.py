@@ -43,6 +43,9 @@ class Intervention(_Strict):
     # or every position from the first one in the sequence where any edited feature fired.
     condition: Literal["always", "token", "sequence"] = "always"
     edits: list[FeatureEdit] = []
+    # leave position 0 (BOS, an attention sink with a residual norm ~10x the rest that SAEs are
+    # not trained on) untouched; false reproduces hooks that edit every position
+    skip_bos: bool = True
 
     @field_validator("hookpoint")
     @classmethod

@@ -178,6 +178,7 @@ class Engine:
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         """ids/pos: [B, S]; mask: [B, past + S] -> final hidden states [B, S, d_model]."""
         self.state.valid = mask[:, -ids.shape[1]:].bool()
+        self.state.first = pos == 0
         out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                past_key_values=cache, use_cache=True)
         return out.last_hidden_state

@@ -1,0 +1,223 @@
+"""`obliviate sae train`: a TopK SAE on one residual-stream layer of the served model, with sae_lens.
+
+Steps (each resumable: the token mix and activation shards are cached under --work-dir):
+  1. mix: generic Wikipedia summaries + HP topic text (own text + sampled continuations) repeated
+  2. collect: residual activations at every compared layer in one pass (BOS excluded, the forward
+     stops after the deepest layer: the 262k-token unembedding is never run)
+  3. train: sae_lens's TopKTrainingSAE + SAETrainer on normalised activations; the trainer folds the
+     scale back so the saved SAE works on raw activations
+  4. card: L0, explained variance, dead fraction, CE clean / spliced / zero-ablated on held-out text
+Never imported by the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ablation import corpus
+
+log = logging.getLogger("obliviate.train")
+
+
+@dataclass
+class TrainConfig:
+    layers: list[int] = field(default_factory=lambda: [6, 9])  # compared; the best by CE recovered ships
+    width: int = 4096
+    k: int = 32
+    ctx_len: int = 128
+    generic_tokens: int = 800_000
+    hp_repeat: int = 4
+    samples_per_prompt: int = 4
+    epochs: int = 2
+    batch_size: int = 4096
+    lr: float = 4e-4
+    seed: int = 0
+    eval_docs: int = 200  # held-out summaries for the card's CE numbers
+
+
+class _Stop(Exception):
+    pass
+
+
+def token_chunks(tok, texts: list[str], ctx_len: int, budget: int | None = None) -> list[list[int]]:
+    """Concatenates texts and cuts them into BOS + (ctx_len - 1) token chunks."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t + "\n\n", add_special_tokens=False).input_ids
+        if budget and len(ids) >= budget:
+            break
+    n = ctx_len - 1
+    return [[tok.bos_token_id] + ids[i:i + n] for i in range(0, len(ids) - n + 1, n)]
+
+
+def build_mix(lm, cfg: TrainConfig, work: Path) -> dict:
+    path = work / "mix.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    generic = [t for _, t in corpus.wiki_summaries("train")]
+    random.Random(cfg.seed).shuffle(generic)
+    samples = corpus.sample_continuations(lm, corpus.sampling_prompts("hp"), cfg.samples_per_prompt, seed=cfg.seed)
+    topic = corpus.paragraphs("hp_topic.txt") + samples
+    g = token_chunks(lm.tokenizer, generic, cfg.ctx_len, cfg.generic_tokens)
+    h = token_chunks(lm.tokenizer, topic, cfg.ctx_len)
+    chunks = g + h * cfg.hp_repeat
+    random.Random(cfg.seed + 1).shuffle(chunks)
+    mix = {"chunks": chunks, "generic_tokens": len(g) * (cfg.ctx_len - 1),
+           "topic_tokens": len(h) * (cfg.ctx_len - 1), "hp_repeat": cfg.hp_repeat, "hp_samples": len(samples)}
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mix))
+    return mix
+
+
+@torch.inference_mode()
+def collect(lm, chunks: list[list[int]], layers: list[int], work: Path, shard_chunks: int = 512) -> None:
+    """Writes work/L{layer}/shard_{i}.pt ([tokens, d_model] fp32, BOS excluded); skips shards on disk."""
+    stop_at = max(layers)
+    grabbed: dict[int, torch.Tensor] = {}
+
+    def grab(layer):
+        def hook(_m, _a, out):
+            grabbed[layer] = (out[0] if isinstance(out, tuple) else out)[:, 1:].float().cpu()
+            if layer == stop_at:
+                raise _Stop
+        return hook
+
+    handles = [lm.model.model.layers[L].register_forward_hook(grab(L)) for L in layers]
+    try:
+        for s in tqdm(range(0, len(chunks), shard_chunks), desc="collecting activations"):
+            paths = {L: work / f"L{L}" / f"shard_{s // shard_chunks:04d}.pt" for L in layers}
+            if all(p.exists() for p in paths.values()):
+                continue
+            parts: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+            for b in range(s, min(s + shard_chunks, len(chunks)), 16):
+                ids = torch.tensor(chunks[b:b + 16], device=lm.device)
+                try:
+                    lm.model.model(input_ids=ids)
+                except _Stop:
+                    pass
+                for L in layers:
+                    parts[L].append(grabbed[L].reshape(-1, grabbed[L].shape[-1]))
+            for L, p in paths.items():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(torch.cat(parts[L]), p.with_suffix(".tmp"))
+                p.with_suffix(".tmp").rename(p)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def load_shards(work: Path, layer: int) -> torch.Tensor:
+    return torch.cat([torch.load(p) for p in sorted((work / f"L{layer}").glob("shard_*.pt"))])
+
+
+def batches(acts: torch.Tensor, batch_size: int, seed: int):
+    """Endless shuffled batches over `acts` [N, d], a new permutation each epoch."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(acts.shape[0], generator=g)
+        for i in range(0, acts.shape[0] - batch_size + 1, batch_size):
+            yield acts[perm[i:i + batch_size]]
+
+
+def train_sae(acts: torch.Tensor, layer: int, cfg: TrainConfig, model_name: str):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(cfg.seed)
+    sae_cfg = TopKTrainingSAEConfig(d_in=acts.shape[1], d_sae=cfg.width, k=cfg.k,
+                                    normalize_activations="expected_average_only_in")
+    sae_cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    sae_cfg.metadata.model_name = model_name
+    sae_cfg.metadata.context_size = cfg.ctx_len
+    sae = TopKTrainingSAE(sae_cfg)
+    total = acts.shape[0] * cfg.epochs // cfg.batch_size * cfg.batch_size
+    trainer_cfg = SAETrainerConfig(total_training_samples=total, train_batch_size_samples=cfg.batch_size,
+                                   lr=cfg.lr, lr_end=cfg.lr / 10, lr_warm_up_steps=20,
+                                   lr_decay_steps=total // cfg.batch_size // 5,
+                                   n_batches_for_norm_estimate=50, dead_feature_window=200)
+    trainer = SAETrainer(trainer_cfg, sae, batches(acts, cfg.batch_size, cfg.seed))
+    sae = trainer.fit()
+    sae.cfg.normalize_activations = "none"  # the scale is folded into the weights
+    return sae
+
+
+def heldout_rows(tok, n_docs: int, max_len: int) -> list[list[int]]:
+    """BOS + the first tokens of the first `n_docs` held-out summaries (never trained on)."""
+    docs = [t for _, t in corpus.wiki_summaries("heldout")][:n_docs]
+    return [[tok.bos_token_id] + tok(d, add_special_tokens=False).input_ids[:max_len - 1] for d in docs]
+
+
+def _save(sae, path: Path, card: dict, lm, layer: int, rows) -> dict:
+    """Saves fp16 when the card's numbers survive the round trip, else fp32."""
+    from ablation.card import activation_stats, ce_numbers
+    from ablation.saes import load_sae
+
+    sae.to(torch.float16).save_inference_model(path)
+    back = load_sae(str(path))
+    acts = card.pop("_heldout_acts")
+    again = {**activation_stats(back, acts), **ce_numbers(lm, back, layer, rows)}
+    drift = max(abs(again[k] - card[k]) for k in ("explained_variance", "ce_loss_recovered"))
+    card["storage_dtype"] = "float16"
+    if drift > 0.002:
+        sae.to(torch.float32).save_inference_model(path)
+        card["storage_dtype"] = "float32"
+    card["fp16_round_trip_drift"] = drift
+    return card
+
+
+def run(cfg: TrainConfig, model: str, out: Path, work: Path) -> dict:
+    from ablation.card import activation_stats, ce_numbers
+    from server.models import load_model
+
+    t0 = time.perf_counter()
+    times = {}
+    lm = load_model(model, device="cpu", dtype="float32")
+    mix = build_mix(lm, cfg, work)
+    times["mix_s"] = time.perf_counter() - t0
+    collect(lm, mix["chunks"], cfg.layers, work)
+    times["collect_s"] = time.perf_counter() - t0 - times["mix_s"]
+    rows = heldout_rows(lm.tokenizer, cfg.eval_docs, cfg.ctx_len)
+    collect(lm, rows and [r + [r[-1]] * (cfg.ctx_len - len(r)) for r in rows], cfg.layers, work / "heldout")
+    cards = {}
+    for layer in cfg.layers:
+        t1 = time.perf_counter()
+        acts = load_shards(work, layer)
+        sae = train_sae(acts, layer, cfg, lm.hf_name)
+        del acts
+        held = load_shards(work / "heldout", layer)
+        cards[layer] = {"layer": layer, "hook_point": f"blocks.{layer}.hook_resid_post", "train_s": time.perf_counter() - t1,
+                        **activation_stats(sae, held), **ce_numbers(lm, sae, layer, rows), "_heldout_acts": held}
+        (work / "candidates").mkdir(exist_ok=True)
+        sae.save_inference_model(work / "candidates" / f"L{layer}")
+        cards[layer]["_sae"] = sae
+        log.info("layer %d: %s", layer, {k: v for k, v in cards[layer].items() if not k.startswith("_")})
+    best = max(cards.values(), key=lambda c: (c["ce_loss_recovered"] - c["dead_fraction"] * 0.1))
+    path = out / f"gemma-3-270m-res-L{best['layer']}"
+    sae = best.pop("_sae")
+    card = {"model": lm.hf_name, "served_name": model, "architecture": "topk", "width": cfg.width, "k": cfg.k,
+            "tokens_seen": int(mix["generic_tokens"] + mix["topic_tokens"] * cfg.hp_repeat) * cfg.epochs,
+            "text_mix": {k: v for k, v in mix.items() if k != "chunks"}, "config": asdict(cfg),
+            **best, "compared": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cards.values()],
+            "timings_s": {**times, "total_s": time.perf_counter() - t0}, "machine": _machine()}
+    card = _save(sae, path, card, lm, best["layer"], rows)
+    for c in cards.values():
+        c.pop("_heldout_acts", None)
+        c.pop("_sae", None)
+    (path / "card.json").write_text(json.dumps(card, indent=2))
+    return card
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}"
