@@ -53,5 +53,132 @@ def cmd_sae_train(args) -> int:
     return 0
 
 
+SHIPPED_SAES = Path(__file__).parent / "saes"
+DATA = Path(__file__).parent / "data"
+
+
 def add_features(sub) -> None:
-    pass
+    p = sub.add_parser("features", help="find and inspect SAE features for a topic")
+    fsub = p.add_subparsers(dest="features_command", required=True, parser_class=type(p))
+    for name in ("discover", "show"):
+        q = fsub.add_parser(name, help="rank features: forget vs retain text" if name == "discover"
+                            else "print the top contexts of features")
+        q.add_argument("--model", default="gemma-3-270m")
+        q.add_argument("--sae", help="SAE directory or release:sae_id (default: the shipped SAE)")
+        q.add_argument("--hookpoint", help="default: the SAE's own hook_name")
+        q.add_argument("--contexts", type=int, default=3, help="contexts to print per feature")
+        if name == "show":
+            q.add_argument("ids", type=int, nargs="+")
+            q.add_argument("--texts", type=Path, action="append", help="text files to search (default: forget + retain)")
+            q.set_defaults(func=cmd_features_show)
+            continue
+        q.add_argument("--forget", type=Path, action="append", help=".txt (one text a line) or .jsonl")
+        q.add_argument("--retain", type=Path, action="append")
+        q.add_argument("--generic-retain", type=int, default=300, help="also retain N Wikipedia summaries (0: none)")
+        q.add_argument("--method", choices=["dsg", "firing"], default="dsg")
+        q.add_argument("--top", type=int, default=20)
+        q.add_argument("--min-ratio", type=float, default=5.0, help="dsg: mean(forget)/mean(retain) floor")
+        q.add_argument("--max-retain-rate", type=float, default=0.01, help="firing: retain firing-rate ceiling")
+        q.add_argument("--write-profile", type=Path, help="write a profile YAML with the top --k features")
+        q.add_argument("--profile-name", default="hp_unlearn")
+        q.add_argument("--k", type=int, default=3)
+        q.add_argument("--keep-error", action=argparse.BooleanOptionalAction, default=True)
+        q.add_argument("--condition", choices=["always", "token", "sequence"], default="token")
+        q.add_argument("--value-scale", type=float, default=1.0,
+                       help="clamp to -scale x the feature's mean activation where active (0: zero-ablate)")
+        q.add_argument("--json", type=Path, help="write the ranking as JSON")
+        q.set_defaults(func=cmd_features_discover)
+
+
+def _default_sae() -> str:
+    found = sorted(p for p in SHIPPED_SAES.glob("*") if (p / "cfg.json").exists())
+    if len(found) != 1:
+        from server.cli import CLIError
+        raise CLIError(f"give --sae (found {len(found)} shipped SAEs in {SHIPPED_SAES})")
+    return str(found[0])
+
+
+def _setup(args):
+    from ablation.discover import layer_of
+    from ablation.saes import SAELoadError, load_sae
+    from server.cli import CLIError
+    from server.models import ModelLoadError, load_model
+
+    ref = args.sae or _default_sae()
+    try:
+        sae = load_sae(ref)
+        hookpoint = args.hookpoint or sae.cfg.metadata.hook_name
+        layer = layer_of(hookpoint)
+        lm = load_model(args.model, device="cpu", dtype="float32")
+    except (SAELoadError, ModelLoadError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    return lm, sae, ref, hookpoint, layer
+
+
+def _texts(paths, default: list[Path]) -> list[str]:
+    from ablation.discover import read_texts
+    from server.cli import CLIError
+
+    out = []
+    for p in paths or default:
+        if not Path(p).exists():
+            raise CLIError(f"{p}: file not found")
+        out += read_texts(p)
+    return out
+
+
+def cmd_features_discover(args) -> int:
+    import json
+
+    from ablation import corpus
+    from ablation.discover import feature_acts, profile_yaml, rank, top_contexts
+    from server.cli import CLIError
+
+    lm, sae, ref, hookpoint, layer = _setup(args)
+    forget = _texts(args.forget, [DATA / "hp_topic.txt"])
+    retain = _texts(args.retain, [DATA / "fiction_retain.txt"])
+    if args.generic_retain:
+        try:
+            retain += [t for _, t in corpus.wiki_summaries("train")[: args.generic_retain]]
+        except corpus.CorpusError as e:
+            raise CLIError(str(e)) from None
+    fa, ra = feature_acts(lm, sae, forget, layer), feature_acts(lm, sae, retain, layer)
+    ranking = rank(fa, ra, args.method, args.min_ratio, args.max_retain_rate, args.top)
+    print(f"{len(forget)} forget texts ({fa.acts.shape[0]} tokens), {len(retain)} retain texts "
+          f"({ra.acts.shape[0]} tokens); {args.method} ranking at {hookpoint}")
+    for r in ranking:
+        r["contexts"] = top_contexts(fa, lm.tokenizer, forget, r["feature"], args.contexts)
+        print(f"\n#{r['feature']:>5}  score {r['score']:.4g}  mean forget/retain {r['mean_forget']:.3g}/"
+              f"{r['mean_retain']:.3g} (x{r['ratio']:.1f})  fires forget/retain {r['rate_forget']:.1%}/{r['rate_retain']:.2%}")
+        for c in r["contexts"]:
+            print(f"    {c['act']:7.2f}  {c['context']!r}")
+    if args.json:
+        args.json.write_text(json.dumps(ranking, indent=2))
+    if args.write_profile:
+        note = (f"Top {args.k} {args.method}-ranked features of {ref} at {hookpoint} (forget: "
+                f"{len(forget)} texts; retain: {len(retain)} texts), clamped to -{args.value_scale} x mean "
+                f"activation where active; keep_error={args.keep_error}, condition={args.condition}.")
+        args.write_profile.write_text(profile_yaml(args.profile_name, args.model, ref, hookpoint,
+                                                   ranking[: args.k], args.keep_error, args.condition,
+                                                   args.value_scale, note))
+        print(f"\nwrote {args.write_profile}")
+    return 0
+
+
+def cmd_features_show(args) -> int:
+    from ablation.discover import feature_acts, top_contexts
+    from server.cli import CLIError
+
+    lm, sae, ref, hookpoint, layer = _setup(args)
+    bad = [i for i in args.ids if not 0 <= i < sae.cfg.d_sae]
+    if bad:
+        raise CLIError(f"feature ids must be in [0, {sae.cfg.d_sae}); got {bad}")
+    texts = _texts(args.texts, [DATA / "hp_topic.txt", DATA / "fiction_retain.txt"])
+    fa = feature_acts(lm, sae, texts, layer)
+    for i in args.ids:
+        col = fa.acts[:, i]
+        print(f"#{i} at {hookpoint}: fires on {(col > 0).float().mean():.2%} of {col.numel()} tokens, "
+              f"max {col.max():.3g}")
+        for c in top_contexts(fa, lm.tokenizer, texts, i, max(args.contexts, 1)):
+            print(f"    {c['act']:7.2f}  {c['context']!r}")
+    return 0

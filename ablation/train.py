@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ablation import corpus
+from ablation.activations import residual_batches
 
 log = logging.getLogger("obliviate.train")
 
@@ -43,10 +44,6 @@ class TrainConfig:
     eval_docs: int = 200  # held-out summaries for the card's CE numbers
 
 
-class _Stop(Exception):
-    pass
-
-
 def token_chunks(tok, texts: list[str], ctx_len: int, budget: int | None = None) -> list[list[int]]:
     """Concatenates texts and cuts them into BOS + (ctx_len - 1) token chunks."""
     ids: list[int] = []
@@ -64,7 +61,8 @@ def build_mix(lm, cfg: TrainConfig, work: Path) -> dict:
         return json.loads(path.read_text())
     generic = [t for _, t in corpus.wiki_summaries("train")]
     random.Random(cfg.seed).shuffle(generic)
-    samples = corpus.sample_continuations(lm, corpus.sampling_prompts("hp"), cfg.samples_per_prompt, seed=cfg.seed)
+    samples = (corpus.sample_continuations(lm, corpus.sampling_prompts("hp"), cfg.samples_per_prompt, seed=cfg.seed)
+               if cfg.samples_per_prompt else [])
     topic = corpus.paragraphs("hp_topic.txt") + samples
     g = token_chunks(lm.tokenizer, generic, cfg.ctx_len, cfg.generic_tokens)
     h = token_chunks(lm.tokenizer, topic, cfg.ctx_len)
@@ -77,41 +75,20 @@ def build_mix(lm, cfg: TrainConfig, work: Path) -> dict:
     return mix
 
 
-@torch.inference_mode()
 def collect(lm, chunks: list[list[int]], layers: list[int], work: Path, shard_chunks: int = 512) -> None:
     """Writes work/L{layer}/shard_{i}.pt ([tokens, d_model] fp32, BOS excluded); skips shards on disk."""
-    stop_at = max(layers)
-    grabbed: dict[int, torch.Tensor] = {}
-
-    def grab(layer):
-        def hook(_m, _a, out):
-            grabbed[layer] = (out[0] if isinstance(out, tuple) else out)[:, 1:].float().cpu()
-            if layer == stop_at:
-                raise _Stop
-        return hook
-
-    handles = [lm.model.model.layers[L].register_forward_hook(grab(L)) for L in layers]
-    try:
-        for s in tqdm(range(0, len(chunks), shard_chunks), desc="collecting activations"):
-            paths = {L: work / f"L{L}" / f"shard_{s // shard_chunks:04d}.pt" for L in layers}
-            if all(p.exists() for p in paths.values()):
-                continue
-            parts: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
-            for b in range(s, min(s + shard_chunks, len(chunks)), 16):
-                ids = torch.tensor(chunks[b:b + 16], device=lm.device)
-                try:
-                    lm.model.model(input_ids=ids)
-                except _Stop:
-                    pass
-                for L in layers:
-                    parts[L].append(grabbed[L].reshape(-1, grabbed[L].shape[-1]))
-            for L, p in paths.items():
-                p.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(torch.cat(parts[L]), p.with_suffix(".tmp"))
-                p.with_suffix(".tmp").rename(p)
-    finally:
-        for h in handles:
-            h.remove()
+    for s in tqdm(range(0, len(chunks), shard_chunks), desc="collecting activations"):
+        paths = {L: work / f"L{L}" / f"shard_{s // shard_chunks:04d}.pt" for L in layers}
+        if all(p.exists() for p in paths.values()):
+            continue
+        parts: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+        for lens, acts in residual_batches(lm, chunks[s:s + shard_chunks], layers):
+            for L in layers:  # equal-length chunks: no padding to drop
+                parts[L].append(acts[L][:, 1:].reshape(-1, acts[L].shape[-1]))
+        for L, p in paths.items():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(torch.cat(parts[L]), p.with_suffix(".tmp"))
+            p.with_suffix(".tmp").rename(p)
 
 
 def load_shards(work: Path, layer: int) -> torch.Tensor:

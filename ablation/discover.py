@@ -1,0 +1,109 @@
+"""Feature discovery: rank SAE features by how specifically they fire on forget text vs retain text.
+
+dsg:     squared mean activation on forget tokens, kept only where mean(forget) / mean(retain) >=
+         min_ratio (after DSG, 2025)
+firing:  firing rate on forget tokens, after dropping features that fire on more than max_retain_rate
+         of retain tokens (after Farrell et al. 2024 / SAEBench)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ablation.activations import residual_batches
+from ablation.edit import encode
+from ablation.profiles import HOOKPOINT_RE
+
+
+@dataclass
+class FeatureActs:
+    """SAE activations of every non-BOS token of a text set."""
+
+    acts: torch.Tensor  # [T, d_sae]
+    token_ids: list[int]  # [T]
+    doc: list[int]  # [T] index of the text each token came from
+    pos: list[int]  # [T] position in that text's token row
+
+
+def read_texts(path: Path) -> list[str]:
+    """A .txt file (one text per non-empty line) or .jsonl (field text or prompt)."""
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if Path(path).suffix == ".jsonl":
+        rows = [json.loads(ln) for ln in lines]
+        return [r.get("text") or r["prompt"] for r in rows]
+    return lines
+
+
+def layer_of(hookpoint: str) -> int:
+    m = HOOKPOINT_RE.match(hookpoint or "")
+    if not m or m.group(2) != "post":
+        raise ValueError(f"discovery reads blocks.<L>.hook_resid_post; got hookpoint {hookpoint!r}")
+    return int(m.group(1))
+
+
+def feature_acts(lm, sae, texts: list[str], layer: int, max_len: int = 128) -> FeatureActs:
+    tok = lm.tokenizer
+    rows = [[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids[:max_len - 1] for t in texts]
+    acts, ids, doc, pos = [], [], [], []
+    i0 = 0
+    for lens, res in residual_batches(lm, rows, [layer]):
+        x = res[layer]
+        for j, n in enumerate(lens):
+            acts.append(encode(sae, x[j, 1:n].to(sae.device)).float().cpu())
+            ids += rows[i0 + j][1:n]
+            doc += [i0 + j] * (n - 1)
+            pos += list(range(1, n))
+        i0 += len(lens)
+    return FeatureActs(torch.cat(acts), ids, doc, pos)
+
+
+def rank(forget: FeatureActs, retain: FeatureActs, method: str = "dsg", min_ratio: float = 5.0,
+         max_retain_rate: float = 0.01, top: int = 20) -> list[dict]:
+    f, r = forget.acts, retain.acts
+    mean_f, mean_r = f.mean(0), r.mean(0)
+    rate_f, rate_r = (f > 0).float().mean(0), (r > 0).float().mean(0)
+    ratio = mean_f / mean_r.clamp_min(1e-6)
+    if method == "dsg":
+        score = torch.where(ratio >= min_ratio, mean_f ** 2, torch.zeros_like(mean_f))
+    elif method == "firing":
+        score = torch.where(rate_r <= max_retain_rate, rate_f, torch.zeros_like(rate_f))
+    else:
+        raise ValueError(f"unknown method {method!r}: use dsg or firing")
+    order = score.argsort(descending=True)[:top]
+    active_mean = (f.sum(0) / (f > 0).sum(0).clamp_min(1))
+    return [{"feature": int(i), "score": float(score[i]), "mean_forget": float(mean_f[i]),
+             "mean_retain": float(mean_r[i]), "ratio": float(ratio[i]), "rate_forget": float(rate_f[i]),
+             "rate_retain": float(rate_r[i]), "mean_when_active": float(active_mean[i])}
+            for i in order if score[i] > 0]
+
+
+def top_contexts(fa: FeatureActs, tok, texts: list[str], feature: int, n: int = 5, window: int = 8) -> list[dict]:
+    """The n tokens where `feature` fires most, each with a little text around it."""
+    col = fa.acts[:, feature]
+    out = []
+    for i in col.argsort(descending=True)[:n].tolist():
+        if col[i] <= 0:
+            break
+        same = [j for j in range(max(0, i - window), min(len(col), i + 3)) if fa.doc[j] == fa.doc[i]]
+        left = tok.decode([fa.token_ids[j] for j in same if j < i])
+        right = tok.decode([fa.token_ids[j] for j in same if j > i])
+        out.append({"act": float(col[i]), "token": tok.decode([fa.token_ids[i]]), "context": f"{left}[[{tok.decode([fa.token_ids[i]])}]]{right}"})
+    return out
+
+
+def profile_yaml(name: str, model: str, sae_ref: str, hookpoint: str, features: list[dict], keep_error: bool,
+                 condition: str, value_scale: float, note: str) -> str:
+    """A profile clamping each feature to -value_scale x its mean activation where active (0 -> ablate)."""
+    import yaml
+
+    edits = [{"feature": f["feature"], "value": round(-value_scale * f["mean_when_active"], 3)} for f in features]
+    spec = {"name": name, "description": note, "model": model,
+            "interventions": [{"hookpoint": hookpoint, "sae": sae_ref, "keep_error": keep_error,
+                               "condition": condition, "edits": edits}],
+            "metadata": {"version": 1, "notes": json.dumps([{k: round(v, 4) if isinstance(v, float) else v
+                                                             for k, v in f.items()} for f in features])}}
+    return yaml.safe_dump(spec, sort_keys=False, width=100)

@@ -1,0 +1,101 @@
+"""Reports built on greedy completions: completions (side by side), familiarity, robustness."""
+
+from __future__ import annotations
+
+import math
+
+from evals.charts import grouped_bars
+from evals.common import EvalContext, is_correct, lexicon, load_jsonl, md_table, write_report
+
+MAX_TOKENS = 10
+
+
+async def score_items(ctx: EvalContext, items: list[dict], desc: str, with_prob: bool = True) -> dict:
+    """Per profile and item: the greedy completion, whether it is correct, whether it mentions HP,
+    and the probability of the first token of the first accepted answer."""
+    lex = lexicon()
+    jobs = [(p, it) for p in ctx.profiles for it in items]
+    texts = await ctx.gather(f"{desc}: completions", [ctx.greedy(it["prompt"], p, MAX_TOKENS) for p, it in jobs])
+    probs = [None] * len(jobs)
+    if with_prob:
+        lps = await ctx.gather(f"{desc}: answer probabilities", [
+            ctx.continuation_logprobs(it["prompt"], " " + it["answers"][0], p, "familiarity") for p, it in jobs])
+        probs = [math.exp(lp[0]) if lp else None for lp in lps]
+    records: dict[str, list[dict]] = {p: [] for p in ctx.profiles}
+    for (p, it), text, prob in zip(jobs, texts, probs):
+        records[p].append({"id": it["id"], "prompt": it["prompt"], "answers": it["answers"], "completion": text,
+                           "correct": is_correct(text, it["answers"]), "mentions_hp": bool(lex.search(text)),
+                           "answer_prob": prob, **{k: it[k] for k in ("set", "lang", "domain") if k in it}})
+    return records
+
+
+def tally(records: list[dict]) -> dict:
+    n = len(records) or 1
+    probs = [r["answer_prob"] for r in records if r["answer_prob"] is not None]
+    return {"n": len(records), "correct": sum(r["correct"] for r in records),
+            "correct_rate": sum(r["correct"] for r in records) / n,
+            "mention_rate": sum(r["mentions_hp"] for r in records) / n,
+            "mean_answer_prob": sum(probs) / len(probs) if probs else None}
+
+
+async def completions(ctx: EvalContext) -> dict:
+    sets = {"hp": load_jsonl("hp_prompts.jsonl", ctx.split, ctx.limit),
+            "generic": load_jsonl("generic_prompts.jsonl", ctx.split, ctx.limit)}
+    out = {k: await score_items(ctx, v, f"completions/{k}", with_prob=False) for k, v in sets.items()}
+    md = ["# Completions\n", f"Greedy, {MAX_TOKENS} new tokens. ✓ = an accepted answer appears.\n"]
+    for k, recs in out.items():
+        md.append(f"\n## {k} prompts\n")
+        rows = []
+        for i, it in enumerate(sets[k]):
+            rows.append([it["prompt"], "/".join(it["answers"])] +
+                        [("✓ " if recs[p][i]["correct"] else "") + recs[p][i]["completion"].strip() for p in ctx.profiles])
+        md.append(md_table(["prompt", "expected"] + ctx.profiles, rows))
+    result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "records": out,
+              "summary": {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in out.items()}}
+    write_report(ctx, "completions", result, "".join(md))
+    return result
+
+
+async def familiarity(ctx: EvalContext) -> dict:
+    sets = {"hp": load_jsonl("hp_prompts.jsonl", ctx.split, ctx.limit),
+            "generic": load_jsonl("generic_prompts.jsonl", ctx.split, ctx.limit),
+            "nearby": load_jsonl("nearby_prompts.jsonl", ctx.split, ctx.limit)}
+    recs = {k: await score_items(ctx, v, f"familiarity/{k}") for k, v in sets.items()}
+    summary = {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in recs.items()}
+    rows = [[p] + [summary[k][p][m] for k in sets for m in ("correct_rate", "mention_rate", "mean_answer_prob")]
+            for p in ctx.profiles]
+    header = ["profile"] + [f"{k} {m}" for k in sets for m in ("correct", "mentions HP", "P(answer)")]
+    md = ("# Familiarity\n\nShare of prompts answered correctly (an accepted answer in the greedy "
+          f"{MAX_TOKENS}-token completion), share of completions that mention Harry Potter (lexicon), and the "
+          "mean probability of the accepted answer's first token.\n\n" + md_table(header, rows) +
+          "\n![familiarity](familiarity.png)\n")
+    grouped_bars(ctx.out / "familiarity.png", "Familiarity by profile", ctx.profiles,
+                 {f"{k} correct": [summary[k][p]["correct_rate"] for p in ctx.profiles] for k in sets}
+                 | {"hp mentions": [summary["hp"][p]["mention_rate"] for p in ctx.profiles]}, ylabel="share")
+    result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "summary": summary, "records": recs}
+    write_report(ctx, "familiarity", result, md)
+    return result
+
+
+ADVERSARIAL = ("paraphrase", "language", "jailbreak", "relearning")
+
+
+async def robustness(ctx: EvalContext) -> dict:
+    items = load_jsonl("robustness.jsonl", "all", None)
+    sets = sorted({it["set"] for it in items})
+    by_set = {s: [it for it in items if it["set"] == s][: ctx.limit] for s in sets}
+    recs = {s: await score_items(ctx, v, f"robustness/{s}") for s, v in by_set.items()}
+    summary = {s: {p: tally(r[p]) for p in ctx.profiles} for s, r in recs.items()}
+    leak = {p: sum(summary[s][p]["correct_rate"] for s in ADVERSARIAL if s in summary) /
+            max(1, sum(s in summary for s in ADVERSARIAL)) for p in ctx.profiles}
+    rows = [[s] + [f"{summary[s][p]['correct']}/{summary[s][p]['n']}" for p in ctx.profiles] for s in sets]
+    rows.append(["leak (mean adversarial correct rate)"] + [leak[p] for p in ctx.profiles])
+    md = ("# Robustness\n\nCorrect answers per set (paraphrases, other languages, jailbreak-style prefixes, "
+          "in-context relearning) and on nearby domains (collateral forgetting).\n\n" +
+          md_table(["set"] + ctx.profiles, rows) + "\n![robustness](robustness.png)\n")
+    grouped_bars(ctx.out / "robustness.png", "Correct rate by robustness set", sets,
+                 {p: [summary[s][p]["correct_rate"] for s in sets] for p in ctx.profiles}, ylabel="correct rate")
+    result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "summary": summary, "leak": leak,
+              "records": recs}
+    write_report(ctx, "robustness", result, md)
+    return result

@@ -1,0 +1,52 @@
+"""Discovery ranks a planted feature first on synthetic activations, under both scores."""
+
+import torch
+
+from ablation.discover import FeatureActs, profile_yaml, rank
+
+
+def synthetic(n_tokens, d_sae, planted=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.relu(torch.randn(n_tokens, d_sae, generator=g) - 1.5)  # every feature fires sometimes
+    acts[:, 7] = torch.relu(torch.randn(n_tokens, generator=g)) * 3  # busy everywhere: not specific
+    if planted is not None:
+        acts[:, planted] = 0
+        acts[::3, planted] = 2.0 + torch.rand(len(acts[::3]), generator=g)  # fires on a third of the tokens
+    return FeatureActs(acts, [0] * n_tokens, [0] * n_tokens, list(range(n_tokens)))
+
+
+def test_planted_feature_ranks_first():
+    forget, retain = synthetic(600, 64, planted=42), synthetic(3000, 64, planted=None, seed=1)
+    retain.acts[:, 42] = 0
+    retain.acts[5, 42] = 0.5  # fires on one retain token: still specific
+    for method in ("dsg", "firing"):
+        ranking = rank(forget, retain, method, top=5)
+        assert ranking[0]["feature"] == 42, method
+        assert 7 not in [r["feature"] for r in ranking]
+    r = rank(forget, retain, "firing")[0]
+    assert abs(r["rate_forget"] - 1 / 3) < 0.01 and r["rate_retain"] < 0.001
+
+
+def test_features_busy_on_retain_are_excluded():
+    forget, retain = synthetic(600, 64, planted=42), synthetic(600, 64, planted=42, seed=1)
+    assert all(r["feature"] != 42 for r in rank(forget, retain, "firing"))
+    assert all(r["feature"] != 42 for r in rank(forget, retain, "dsg"))
+
+
+def test_written_profile_clamps_to_minus_mean_activation(tmp_path):
+    import yaml
+
+    from ablation.profiles import load_profile
+    from tests.helpers import build_sae, save_sae
+
+    forget, retain = synthetic(600, 64, planted=42), synthetic(3000, 64, seed=1)
+    retain.acts[:, 42] = 0
+    ranking = rank(forget, retain, "dsg", top=2)
+    sae = save_sae(build_sae("standard", 16, 64), tmp_path / "sae")
+    path = tmp_path / "p.yaml"
+    path.write_text(profile_yaml("p", "gemma-3-270m", str(sae), "blocks.6.hook_resid_post", ranking[:1], True,
+                                 "token", 1.0, "test"))
+    spec = load_profile(path)
+    edit = spec.interventions[0].edits[0]
+    assert edit.feature == 42 and abs(edit.value + ranking[0]["mean_when_active"]) < 1e-3
+    assert yaml.safe_load(path.read_text())["interventions"][0]["condition"] == "token"

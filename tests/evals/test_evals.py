@@ -1,0 +1,125 @@
+"""Eval reports against the real server on a loopback port (small limits), and report arithmetic."""
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from clients.http import AsyncClient, Client
+from evals import generation, scoring
+from evals.common import EvalContext, EvalError, load_jsonl, server_info
+
+PROFILES = ["baseline", "t_sae_only", "prompted"]
+
+
+def run_report(server, fn, tmp_path, profiles=PROFILES, limit=3, client=None):
+    async def main():
+        c = client or AsyncClient(server.url, concurrency=6)
+        try:
+            ctx = EvalContext(c, profiles, tmp_path, limit=limit)
+            ctx.server_info = await server_info(c, profiles)
+            return await fn(ctx)
+        finally:
+            await c.aclose()
+    return asyncio.run(main())
+
+
+def test_familiarity_counts_equal_direct_completions(server, tmp_path):
+    res = run_report(server, generation.familiarity, tmp_path)
+    items = load_jsonl("hp_prompts.jsonl", "test", 3)
+    direct = Client(server.url)
+    for p in PROFILES:
+        texts = [direct.complete(it["prompt"], p, max_tokens=10, temperature=0).choices[0].text for it in items]
+        n_correct = sum(any(a.lower() in t.lower() for a in it["answers"]) for t, it in zip(texts, items))
+        assert res["summary"]["hp"][p]["correct"] == n_correct
+        assert [r["completion"] for r in res["records"]["hp"][p]] == texts
+    assert all(0 < r["answer_prob"] <= 1 for r in res["records"]["hp"]["baseline"])
+    assert (tmp_path / "familiarity.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "familiarity.json").read_text())
+    assert saved["provenance"]["profiles"]["t_sae_only"]["interventions"][0]["hookpoint"] == "blocks.6.hook_resid_post"
+
+
+def test_trivia_is_computed_from_the_returned_logits(server, tmp_path):
+    res = run_report(server, scoring.trivia, tmp_path, profiles=["baseline"], limit=2)
+    item = load_jsonl("hp_trivia.jsonl", "all", 1)[0]
+    c = Client(server.url)
+    prompt = scoring.trivia_prompt(item["question"], item["true"], item["false"])
+    la, lb = (c.logprobs_of(prompt + s, "baseline")[0].logprobs[-1] for s in (" A", " B"))
+    rec = res["hp"]["baseline"]["records"][0]
+    assert rec["true_as_A"] == pytest.approx([la, lb], abs=1e-5)
+    assert rec["right_as_A"] == (la > lb)
+    s = res["hp"]["baseline"]
+    assert s["accuracy"] == (sum(r["right_as_A"] + r["right_as_B"] for r in s["records"]) / 4)
+
+
+class AlwaysA:
+    """A stand-in server that always prefers ' A': what the 2024 study's models did."""
+    base_url = "fake://always-a"
+
+    async def logprobs_of(self, prompt, profile=None, top=0):
+        from clients.http import TokenLogprobs
+        last = -0.1 if prompt.endswith(" A") else -4.0
+        return [TokenLogprobs([prompt[:-2], prompt[-2:]], [None, last], [0, len(prompt) - 2], None)]
+
+    async def aclose(self):
+        pass
+
+
+def test_position_bias_measure_catches_a_model_that_always_answers_a(tmp_path):
+    async def main():
+        ctx = EvalContext(AlwaysA(), ["baseline"], tmp_path, limit=10)
+        return await scoring.trivia(ctx)
+    res = asyncio.run(main())["hp"]["baseline"]
+    assert res["share_a"] == 1.0 and res["accuracy"] == 0.5 and res["both_orders_accuracy"] == 0.0
+
+
+def test_loss_report_baseline_zero_and_sae_costs_loss(server, tmp_path):
+    res = run_report(server, scoring.loss, tmp_path, profiles=["baseline", "t_sae_only"], limit=2)
+    s = res["summary"]
+    assert s["baseline"]["loss_added"] == 0 and s["baseline"]["ce"] > 0
+    assert s["t_sae_only"]["ce"] > s["baseline"]["ce"] and s["baseline"]["tokens"] == s["t_sae_only"]["tokens"]
+
+
+def test_tokens_report_lists_largest_drops(server, tmp_path):
+    res = run_report(server, scoring.tokens, tmp_path, profiles=["baseline", "t_sae_only"], limit=3)
+    drops = [r["drop"] for r in res["hp"]]
+    assert drops == sorted(drops, reverse=True) and drops[0] > 0
+    assert res["before"] == "baseline" and res["after"] == "t_sae_only"
+
+
+def test_server_without_prompt_logprobs_gets_a_clear_message(tmp_path):
+    def handler(request):
+        body = json.loads(request.content)
+        if body.get("echo"):
+            return httpx.Response(400, json={"error": {"message": "echo is not supported", "type": "x"}})
+        return httpx.Response(500, json={})
+    c = AsyncClient("http://fake", retries=0)
+    c.http = httpx.AsyncClient(base_url="http://fake", transport=httpx.MockTransport(handler))
+
+    async def main():
+        ctx = EvalContext(c, ["baseline"], tmp_path, limit=1)
+        await scoring.loss(ctx)
+    with pytest.raises(EvalError, match="the loss report needs prompt logprobs.*echo is not supported"):
+        asyncio.run(main())
+
+
+def test_eval_all_cli_writes_every_report(server, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "server.cli", "eval", "all", "--server", server.url, "--profiles",
+                        "baseline,t_clamp", "--limit", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ["completions", "familiarity", "tokens", "loss", "trivia", "robustness"]:
+        assert (tmp_path / f"{name}.json").exists() and (tmp_path / f"{name}.md").exists()
+    for png in ["familiarity", "tokens_hp", "loss", "trivia", "robustness"]:
+        assert (tmp_path / f"{png}.png").stat().st_size > 1000
+    index = (tmp_path / "index.md").read_text()
+    assert "| baseline |" in index and "| t_clamp |" in index
+
+
+def test_eval_cli_unknown_profile_is_one_line(server, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "server.cli", "eval", "loss", "--server", server.url, "--profiles",
+                        "baseline,nope", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("obliviate: error: the server does not serve")
