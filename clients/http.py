@@ -65,10 +65,14 @@ class _Base:
         except (ValueError, KeyError, TypeError):
             raise APIError(r.status_code, r.text[:500]) from None
 
-    def _retryable(self, exc: Exception | None, r: httpx.Response | None, attempt: int) -> bool:
-        if attempt >= self.retries:
-            return False
-        return exc is not None or (r is not None and r.status_code in RETRY_STATUS)
+    def _settle(self, exc: Exception | None, r: httpx.Response | None, attempt: int) -> httpx.Response | None:
+        """The response to return, None to retry, or APIError once retrying cannot help."""
+        if attempt < self.retries and (exc is not None or r.status_code in RETRY_STATUS):
+            return None
+        if exc is not None:
+            raise APIError(0, f"cannot reach {self.base_url}: {exc}") from exc
+        self.raise_for(r)
+        return r
 
     @staticmethod
     def prompt_logprobs(resp: CompletionResponse) -> list[TokenLogprobs]:
@@ -88,16 +92,12 @@ class Client(_Base):
 
     def request(self, method: str, path: str, **kw) -> httpx.Response:
         for attempt in range(self.retries + 1):
-            exc, r = None, None
             try:
-                r = self.http.request(method, path, **kw)
+                r, exc = self.http.request(method, path, **kw), None
             except httpx.TransportError as e:
-                exc = e
-            if not self._retryable(exc, r, attempt):
-                if exc:
-                    raise APIError(0, f"cannot reach {self.base_url}: {exc}") from exc
-                self.raise_for(r)
-                return r
+                r, exc = None, e
+            if (done := self._settle(exc, r, attempt)) is not None:
+                return done
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -139,16 +139,12 @@ class AsyncClient(_Base):
     async def request(self, method: str, path: str, **kw) -> httpx.Response:
         async with self.limit:
             for attempt in range(self.retries + 1):
-                exc, r = None, None
                 try:
-                    r = await self.http.request(method, path, **kw)
+                    r, exc = await self.http.request(method, path, **kw), None
                 except httpx.TransportError as e:
-                    exc = e
-                if not self._retryable(exc, r, attempt):
-                    if exc:
-                        raise APIError(0, f"cannot reach {self.base_url}: {exc}") from exc
-                    self.raise_for(r)
-                    return r
+                    r, exc = None, e
+                if (done := self._settle(exc, r, attempt)) is not None:
+                    return done
                 await asyncio.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 

@@ -159,14 +159,27 @@ class Engine:
                 self.running = len(batch)
             try:
                 self.on_batch(len(batch))
-                self.generate(batch)
-            except Exception as e:  # a failing batch fails its own requests, never the server
-                log.exception("batch of %d failed", len(batch))
-                for s in batch:
-                    if s.finish_reason is None:
-                        s.emit({"type": "error", "error": e})
+                self.run_isolated(batch)
             finally:
                 self.running = 0
+
+    def run_isolated(self, batch: list[Sequence]) -> None:
+        """Runs a batch; if it fails before any token, each sequence is retried alone so that only
+        the one at fault fails. Errors reach the requests, never the server."""
+        try:
+            self.generate(batch)
+            return
+        except Exception as e:
+            log.exception("batch of %d failed", len(batch))
+            error = e
+        retry = len(batch) > 1 and not any(s.out for s in batch)
+        for s in batch:
+            if s.finish_reason is not None:
+                continue
+            if retry:
+                self.run_isolated([s])
+            else:
+                s.emit({"type": "error", "error": error})
 
     # ---- model steps -------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

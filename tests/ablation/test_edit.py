@@ -103,3 +103,14 @@ def test_sequence_condition_carried_across_steps_equals_one_pass(arch, x):
         y, fired = apply_edits(x[:, t:t + 1], sae, e, fired=fired)
         rest.append(y)
     torch.testing.assert_close(torch.cat([first, *rest], 1), whole)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_positions_outside_valid_are_left_untouched(arch, x):
+    sae = build_sae(arch, D, 64)
+    valid = torch.ones(x.shape[:2], dtype=torch.bool)
+    valid[:, 0] = False  # BOS
+    valid[1, :3] = False  # padding
+    out, _ = apply_edits(x, sae, edit(), valid)
+    assert torch.equal(out[~valid], x[~valid])
+    torch.testing.assert_close(out[valid], sae.decode(sae.encode(x))[valid])

@@ -103,3 +103,26 @@ def test_mixed_batch_rows_equal_running_alone(engine):
     for (p, i, s), toks in zip(mixed, got):
         assert toks == alone[p, i][: s.params.max_tokens], (p, i)
     assert len({tuple(t) for t in got}) > 3  # the profiles really differ
+
+
+class Broken:
+    """An SAE whose encode fails, standing in for any per-profile failure (bad weights, OOM)."""
+    dtype = torch.float32
+
+    def encode(self, x):
+        raise RuntimeError("broken SAE")
+
+
+def test_a_failing_row_does_not_fail_its_batch_mates(engine, monkeypatch):
+    entry = next(e for e in engine.table.by_hook["blocks.6.hook_resid_post"]
+                 if e.profile == engine.table.index["t_zero"])
+    monkeypatch.setattr(entry, "sae", Broken())
+    events = {}
+    good, bad = seqs_for(engine, PROMPTS[:1], "baseline", 4) + seqs_for(engine, PROMPTS[:1], "t_zero", 4)
+    for name, s in (("good", good), ("bad", bad)):
+        s.emit = lambda ev, name=name: events.setdefault(name, []).append(ev["type"])
+    engine.submit([good, bad])
+    engine.waiting.clear()
+    engine.run_isolated([good, bad])
+    assert events["good"][-1] == "done" and len(good.out) == 4
+    assert events["bad"] == ["error"]

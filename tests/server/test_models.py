@@ -10,7 +10,7 @@ from ablation.profiles import load_profiles
 from ablation.saes import SAELoadError, load_sae
 from server.models import ModelLoadError, load_model, resolve
 from server.settings import Settings
-from tests.conftest import LiveServer
+from server.live import LiveServer
 from tests.helpers import build_sae, save_sae, write_profile
 
 

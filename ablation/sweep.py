@@ -1,0 +1,111 @@
+"""Choosing the shipped `hp_unlearn` by measurement: discover features, write candidate profiles
+(k features x clamp value x mode), serve them all, and score each on the *dev* prompts over HTTP.
+
+    python -m ablation.sweep [--sae DIR] [--ks 1,2,3,5] [--scales 0.5,1,2] [--out runs/sweep]
+
+Prints and writes a table: HP / generic / nearby correct on the dev split and CE on held-out text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+from ablation import corpus
+from ablation.discover import feature_acts, profile_yaml, rank
+
+MODES = {  # name -> (keep_error, condition, scale multiplier; 0 = zero-ablation)
+    "clamp": (True, "token", 1.0),
+    "clamp_seq": (True, "sequence", 1.0),
+    "zero_keep_error": (True, "always", 0.0),
+    "zero_recon": (False, "always", 0.0),
+}
+
+
+def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, method: str) -> dict:
+    from ablation.saes import load_sae
+
+    sae = load_sae(sae_ref)
+    hook = sae.cfg.metadata.hook_name
+    layer = int(hook.split(".")[1])
+    data = Path(__file__).parent / "data"
+    forget = corpus.paragraphs("hp_topic.txt")
+    retain = [p for p in (data / "fiction_retain.txt").read_text().splitlines() if p.strip()]
+    retain += [t for _, t in corpus.wiki_summaries("train")[:300]]
+    ranking = rank(feature_acts(lm, sae, forget, layer), feature_acts(lm, sae, retain, layer), method, top=max(ks))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ranking.json").write_text(json.dumps(ranking, indent=2))
+    names = {}
+    for k in ks:
+        for mode, (keep_error, condition, mult) in MODES.items():
+            for scale in (scales if mult else [0.0]):
+                name = f"c_{mode}_k{k}_s{scale:g}"
+                (out / f"{name}.yaml").write_text(profile_yaml(
+                    name, lm.name, sae_ref, hook, ranking[:k], keep_error, condition, scale * mult, name))
+                names[name] = {"k": k, "mode": mode, "scale": scale}
+    return names
+
+
+async def score(url: str, profiles: list[str], n_docs: int) -> dict:
+    from clients.http import AsyncClient
+    from evals.common import EvalContext, load_jsonl
+    from evals.generation import score_items, tally
+    from evals.scoring import heldout_docs
+
+    client = AsyncClient(url, concurrency=8)
+    ctx = EvalContext(client, profiles, Path("."), split="dev")
+    rows = {p: {} for p in profiles}
+    try:
+        for name in ("hp", "generic", "nearby"):
+            items = load_jsonl(f"{name}_prompts.jsonl", "dev")
+            recs = await score_items(ctx, items, f"dev/{name}", with_prob=False)
+            for p in profiles:
+                rows[p][name] = tally(recs[p])["correct"]
+        docs = heldout_docs(n_docs)
+        for p in profiles:
+            lps = await ctx.gather(f"ce/{p}", [ctx.continuation_logprobs("", d, p, "loss") for d in docs])
+            flat = [v for lp in lps for v in lp]
+            rows[p]["ce"] = -sum(flat) / len(flat)
+    finally:
+        await client.aclose()
+    return rows
+
+
+def main() -> None:
+    from ablation.hooks import ProfileTable
+    from ablation.profiles import default_profiles_dir, load_profiles
+    from server.models import load_model
+    from server.settings import Settings
+    from server.live import LiveServer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sae", default=str(next(p for p in sorted((Path(__file__).parent / "saes").glob("*")))))
+    ap.add_argument("--ks", default="1,2,3,5")
+    ap.add_argument("--scales", default="0.5,1,2")
+    ap.add_argument("--method", default="dsg")
+    ap.add_argument("--docs", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    args = ap.parse_args()
+    lm = load_model("gemma-3-270m", device="cpu")
+    meta = candidates(lm, args.sae, [int(k) for k in args.ks.split(",")],
+                      [float(s) for s in args.scales.split(",")], args.out, args.method)
+    dirs = [default_profiles_dir(), args.out]
+    table = ProfileTable(load_profiles(dirs, lm.name), lm.device, lm.dtype)
+    with LiveServer(Settings(profiles=dirs), lm, table) as srv:
+        profiles = ["baseline"] + [p for p in table.names if p.startswith("c_") or p in ("sae_only",)]
+        rows = asyncio.run(score(srv.url, profiles, args.docs))
+    base = rows["baseline"]
+    lines = ["| profile | k | mode | scale | HP | generic | nearby | CE | CE +% |", "|---|---|---|---|---|---|---|---|---|"]
+    for p, r in rows.items():
+        m = meta.get(p, {"k": "", "mode": p, "scale": ""})
+        lines.append(f"| {p} | {m['k']} | {m['mode']} | {m['scale']} | {r['hp']} | {r['generic']} | {r['nearby']} | "
+                     f"{r['ce']:.4f} | {100 * (r['ce'] - base['ce']) / base['ce']:+.2f} |")
+    (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
+    (args.out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

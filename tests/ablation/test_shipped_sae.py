@@ -1,0 +1,43 @@
+"""The shipped SAE loads through the same path as any sae_lens SAE, and its card's numbers hold
+on a small slice of the held-out text."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ablation.card import activation_stats, ce_numbers
+from ablation.saes import load_sae
+from ablation.train import heldout_acts
+from evals.common import load_jsonl
+
+SAES = sorted(p for p in (Path(__file__).parents[2] / "ablation" / "saes").glob("*") if (p / "cfg.json").exists())
+
+
+@pytest.fixture(scope="module", params=SAES, ids=[p.name for p in SAES])
+def shipped(request):
+    return request.param, json.loads((request.param / "card.json").read_text())
+
+
+def test_card_meets_the_bar(shipped):
+    _, card = shipped
+    assert card["ce_loss_recovered"] >= 0.95 and card["dead_fraction"] <= 0.15
+    assert (shipped[0] / "card.md").exists()
+    assert sum(f.stat().st_size for f in shipped[0].iterdir()) <= 25 * 2**20
+
+
+def test_card_numbers_recheck_on_a_slice(shipped, lm):
+    path, card = shipped
+    sae = load_sae(str(path))
+    assert sae.cfg.metadata.hook_name == card["hook_point"] and sae.cfg.d_sae == card["width"]
+    tok = lm.tokenizer
+    docs = [r["text"] for r in load_jsonl("heldout_generic.jsonl", "all", 24)]
+    rows = [[tok.bos_token_id] + tok(d, add_special_tokens=False).input_ids[:127] for d in docs]
+    acts = heldout_acts(lm, rows, [card["layer"]])[card["layer"]]
+    stats = activation_stats(sae, acts)
+    ce = ce_numbers(lm, sae, card["layer"], rows)
+    print({**stats, **ce})
+    assert stats["l0"] == pytest.approx(card["l0"], abs=1.0)
+    assert stats["explained_variance"] == pytest.approx(card["explained_variance"], abs=0.05)
+    assert ce["ce_clean"] == pytest.approx(card["ce_clean"], rel=0.15)
+    assert ce["ce_loss_recovered"] == pytest.approx(card["ce_loss_recovered"], abs=0.04)
