@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from server.errors import CLIError
+
 
 def _ints(s: str) -> list[int]:
     try:
@@ -25,7 +27,8 @@ def add_sae(sub) -> None:
     t.add_argument("--hp-repeat", type=int, default=4)
     t.add_argument("--samples-per-prompt", type=int, default=4)
     t.add_argument("--epochs", type=int, default=2)
-    t.add_argument("--eval-docs", type=int, default=200)
+    t.add_argument("--eval-docs", type=int, default=120)
+    t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path(__file__).parent / "saes")
     t.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "obliviate" / "sae-train")
@@ -37,11 +40,10 @@ def cmd_sae_train(args) -> int:
 
     from ablation.corpus import CorpusError
     from ablation.train import TrainConfig, run
-    from server.cli import CLIError
 
     cfg = TrainConfig(layers=args.layers, width=args.width, k=args.k, generic_tokens=args.generic_tokens,
                       hp_repeat=args.hp_repeat, samples_per_prompt=args.samples_per_prompt, epochs=args.epochs,
-                      seed=args.seed, eval_docs=args.eval_docs)
+                      seed=args.seed, eval_docs=args.eval_docs, lr=args.lr)
     if not cfg.layers or min(cfg.layers) < 0 or cfg.width < 1 or not 0 < cfg.k <= cfg.width:
         raise CLIError("need --layers ≥ 0, --width ≥ 1 and 0 < --k ≤ --width")
     try:
@@ -93,7 +95,6 @@ def add_features(sub) -> None:
 def _default_sae() -> str:
     found = sorted(p for p in SHIPPED_SAES.glob("*") if (p / "cfg.json").exists())
     if len(found) != 1:
-        from server.cli import CLIError
         raise CLIError(f"give --sae (found {len(found)} shipped SAEs in {SHIPPED_SAES})")
     return str(found[0])
 
@@ -101,7 +102,6 @@ def _default_sae() -> str:
 def _setup(args):
     from ablation.discover import layer_of
     from ablation.saes import SAELoadError, load_sae
-    from server.cli import CLIError
     from server.models import ModelLoadError, load_model
 
     ref = args.sae or _default_sae()
@@ -117,7 +117,6 @@ def _setup(args):
 
 def _texts(paths, default: list[Path]) -> list[str]:
     from ablation.discover import read_texts
-    from server.cli import CLIError
 
     out = []
     for p in paths or default:
@@ -132,7 +131,6 @@ def cmd_features_discover(args) -> int:
 
     from ablation import corpus
     from ablation.discover import feature_acts, profile_yaml, rank, top_contexts
-    from server.cli import CLIError
 
     lm, sae, ref, hookpoint, layer = _setup(args)
     forget = _texts(args.forget, [DATA / "hp_topic.txt"])
@@ -167,7 +165,6 @@ def cmd_features_discover(args) -> int:
 
 def cmd_features_show(args) -> int:
     from ablation.discover import feature_acts, top_contexts
-    from server.cli import CLIError
 
     lm, sae, ref, hookpoint, layer = _setup(args)
     bad = [i for i in args.ids if not 0 <= i < sae.cfg.d_sae]

@@ -39,9 +39,9 @@ class TrainConfig:
     samples_per_prompt: int = 4
     epochs: int = 2
     batch_size: int = 4096
-    lr: float = 4e-4
+    lr: float = 1e-3
     seed: int = 0
-    eval_docs: int = 200  # held-out summaries for the card's CE numbers
+    eval_docs: int = 120  # held-out summaries for the card's CE numbers
 
 
 def token_chunks(tok, texts: list[str], ctx_len: int, budget: int | None = None) -> list[list[int]]:
@@ -105,25 +105,28 @@ def batches(acts: torch.Tensor, batch_size: int, seed: int):
 
 
 def train_sae(acts: torch.Tensor, layer: int, cfg: TrainConfig, model_name: str):
+    """acts: [N, d_model] raw residuals. Trained on acts * scale (mean norm sqrt(d_model)); b_dec starts
+    at their mean (Gemma's residual is ~95% one constant direction: without it, nearly every feature
+    dies); the scale is folded back into the weights at the end."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(cfg.seed)
-    sae_cfg = TopKTrainingSAEConfig(d_in=acts.shape[1], d_sae=cfg.width, k=cfg.k,
-                                    normalize_activations="expected_average_only_in")
+    scale = acts.shape[1] ** 0.5 / acts[:100_000].norm(dim=-1).mean().item()
+    sae_cfg = TopKTrainingSAEConfig(d_in=acts.shape[1], d_sae=cfg.width, k=cfg.k)
     sae_cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
     sae_cfg.metadata.model_name = model_name
     sae_cfg.metadata.context_size = cfg.ctx_len
     sae = TopKTrainingSAE(sae_cfg)
+    with torch.no_grad():
+        sae.b_dec.copy_(acts[:100_000].mean(0) * scale)
     total = acts.shape[0] * cfg.epochs // cfg.batch_size * cfg.batch_size
     trainer_cfg = SAETrainerConfig(total_training_samples=total, train_batch_size_samples=cfg.batch_size,
                                    lr=cfg.lr, lr_end=cfg.lr / 10, lr_warm_up_steps=20,
-                                   lr_decay_steps=total // cfg.batch_size // 5,
-                                   n_batches_for_norm_estimate=50, dead_feature_window=200)
-    trainer = SAETrainer(trainer_cfg, sae, batches(acts, cfg.batch_size, cfg.seed))
-    sae = trainer.fit()
-    sae.cfg.normalize_activations = "none"  # the scale is folded into the weights
+                                   lr_decay_steps=total // cfg.batch_size // 5, dead_feature_window=200)
+    sae = SAETrainer(trainer_cfg, sae, (b * scale for b in batches(acts, cfg.batch_size, cfg.seed))).fit()
+    sae.fold_activation_norm_scaling_factor(scale)
     return sae
 
 

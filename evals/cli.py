@@ -29,7 +29,7 @@ def add_eval(sub) -> None:
 def cmd_eval(args) -> int:
     from clients.http import APIError
     from evals.common import EvalError
-    from server.cli import CLIError
+    from server.errors import CLIError
 
     profiles = [p for p in args.profiles.split(",") if p]
     if not profiles or (args.limit is not None and args.limit < 1) or args.concurrency < 1:

@@ -7,9 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-
-class CLIError(Exception):
-    """Printed as one line, exit status 2."""
+from server.errors import CLIError
 
 
 def add_serve(sub) -> None:

@@ -41,3 +41,7 @@ class Unauthorized(ObliviateError):
 class EngineFailure(ObliviateError):
     status_code = 500
     type = "server_error"
+
+
+class CLIError(Exception):
+    """A bad command line or input file: printed as one line, exit status 2."""
