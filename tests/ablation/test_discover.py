@@ -50,3 +50,26 @@ def test_written_profile_clamps_to_minus_mean_activation(tmp_path):
     edit = spec.interventions[0].edits[0]
     assert edit.feature == 42 and abs(edit.value + ranking[0]["mean_when_active"]) < 1e-3
     assert yaml.safe_load(path.read_text())["interventions"][0]["condition"] == "token"
+
+
+def test_discover_and_show_cli_on_the_real_model(tmp_path, test_profiles_dir):
+    import subprocess
+    import sys
+
+    from ablation.profiles import load_profile
+
+    sae = test_profiles_dir.parent / "random"
+    (tmp_path / "forget.txt").write_text("Hermione cast a spell in the Gryffindor common room.\nSnape glared at Harry.\n")
+    (tmp_path / "retain.jsonl").write_text('{"text": "The bakery opened early on Sunday."}\n{"prompt": "Rain fell."}\n')
+    out = tmp_path / "p.yaml"
+    r = subprocess.run([sys.executable, "-m", "server.cli", "features", "discover", "--sae", str(sae),
+                        "--forget", str(tmp_path / "forget.txt"), "--retain", str(tmp_path / "retain.jsonl"),
+                        "--generic-retain", "0", "--method", "firing", "--max-retain-rate", "0.2", "--top", "4",
+                        "--k", "2", "--write-profile", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "2 forget texts" in r.stdout and "[[" in r.stdout  # a ranking with highlighted contexts
+    spec = load_profile(out)
+    assert spec.interventions[0].hookpoint == "blocks.6.hook_resid_post" and len(spec.interventions[0].edits) == 2
+    r = subprocess.run([sys.executable, "-m", "server.cli", "features", "show", "--sae", str(sae), "--texts",
+                        str(tmp_path / "forget.txt"), "1", "99999"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "feature ids must be in [0, 256)" in r.stderr
