@@ -29,6 +29,7 @@ def add_sae(sub) -> None:
     t.add_argument("--epochs", type=int, default=2)
     t.add_argument("--eval-docs", type=int, default=120)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--ship-layer", type=int, help="ship this layer instead of the rule's pick")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path(__file__).parent / "saes")
     t.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "obliviate" / "sae-train")
@@ -48,7 +49,7 @@ def cmd_sae_train(args) -> int:
         raise CLIError("need --layers ≥ 0, --width ≥ 1 and 0 < --k ≤ --width")
     try:
         mix_key = f"{args.model}-seed{cfg.seed}-g{cfg.generic_tokens}-r{cfg.hp_repeat}-s{cfg.samples_per_prompt}"
-        card = run(cfg, args.model, args.out, args.work_dir / mix_key)
+        card = run(cfg, args.model, args.out, args.work_dir / mix_key, args.ship_layer)
     except CorpusError as e:
         raise CLIError(str(e)) from None
     print(json.dumps({k: v for k, v in card.items() if k not in ("config", "compared")}, indent=2))

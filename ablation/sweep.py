@@ -37,7 +37,8 @@ def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, 
     ranking = rank(feature_acts(lm, sae, forget, layer), feature_acts(lm, sae, retain, layer), method, top=max(ks))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ranking.json").write_text(json.dumps(ranking, indent=2))
-    names = {}
+    (out / "c_sae_only.yaml").write_text(profile_yaml("c_sae_only", lm.name, sae_ref, hook, [], False, "always", 0, "sae_only"))
+    names = {"c_sae_only": {"k": 0, "mode": "sae_only", "scale": ""}}
     for k in ks:
         for mode, (keep_error, condition, mult) in MODES.items():
             for scale in (scales if mult else [0.0]):
@@ -81,13 +82,16 @@ def main() -> None:
     from server.live import LiveServer
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sae", default=str(next(p for p in sorted((Path(__file__).parent / "saes").glob("*")))))
+    ap.add_argument("--sae", help="SAE directory (default: the shipped one)")
     ap.add_argument("--ks", default="1,2,3,5")
     ap.add_argument("--scales", default="0.5,1,2")
     ap.add_argument("--method", default="dsg")
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("runs/sweep"))
     args = ap.parse_args()
+    if not args.sae:
+        from ablation.cli import _default_sae
+        args.sae = _default_sae()
     lm = load_model("gemma-3-270m", device="cpu")
     meta = candidates(lm, args.sae, [int(k) for k in args.ks.split(",")],
                       [float(s) for s in args.scales.split(",")], args.out, args.method)

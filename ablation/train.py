@@ -150,20 +150,43 @@ def _save(sae, path: Path, card: dict, lm, layer: int, rows) -> dict:
     from ablation.card import activation_stats, ce_numbers
     from ablation.saes import load_sae
 
-    sae.to(torch.float16).save_inference_model(path)
+    sae.to(torch.float16).save_model(path)
     back = load_sae(str(path))
     acts = card.pop("_heldout_acts")
     again = {**activation_stats(back, acts), **ce_numbers(lm, back, layer, rows)}
     drift = max(abs(again[k] - card[k]) for k in ("explained_variance", "ce_loss_recovered"))
     card["storage_dtype"] = "float16"
     if drift > 0.002:
-        sae.to(torch.float32).save_inference_model(path)
+        sae.to(torch.float32).save_model(path)
         card["storage_dtype"] = "float32"
     card["fp16_round_trip_drift"] = drift
     return card
 
 
-def run(cfg: TrainConfig, model: str, out: Path, work: Path) -> dict:
+def train_or_reuse(path: Path, load_acts, layer: int, cfg: TrainConfig, model_name: str):
+    """Trains a candidate once (saved under `path`); a rerun reuses it. -> (inference SAE, train seconds)."""
+    from ablation.saes import load_sae
+
+    if not (path / "cfg.json").exists():
+        t0 = time.perf_counter()
+        acts = load_acts()
+        train_sae(acts, layer, cfg, model_name).save_inference_model(path)
+        del acts
+        (path / "train_s.json").write_text(json.dumps(time.perf_counter() - t0))
+    return load_sae(str(path)), json.loads((path / "train_s.json").read_text())
+
+
+def pick_layer(cards: list[dict], ship_layer: int | None = None) -> dict:
+    """The earliest layer whose SAE meets the bar (CE loss recovered >= 0.95, dead <= 15%), else the best
+    CE recovered: an earlier layer leaves the model more computation after the edit, and in our sweeps
+    later layers cost nearby-topic answers (collateral forgetting) sooner."""
+    if ship_layer is not None:
+        return next(c for c in cards if c["layer"] == ship_layer)
+    ok = [c for c in cards if c["ce_loss_recovered"] >= 0.95 and c["dead_fraction"] <= 0.15]
+    return min(ok, key=lambda c: c["layer"]) if ok else max(cards, key=lambda c: c["ce_loss_recovered"])
+
+
+def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | None = None) -> dict:
     from ablation.card import activation_stats, card_markdown, ce_numbers
     from server.models import load_model
 
@@ -178,18 +201,14 @@ def run(cfg: TrainConfig, model: str, out: Path, work: Path) -> dict:
     held_acts = heldout_acts(lm, rows, cfg.layers)
     cards = {}
     for layer in cfg.layers:
-        t1 = time.perf_counter()
-        acts = load_shards(work, layer)
-        sae = train_sae(acts, layer, cfg, lm.hf_name)
-        del acts
+        sae, train_s = train_or_reuse(work / "candidates" / f"L{layer}", lambda: load_shards(work, layer), layer, cfg,
+                                      lm.hf_name)
         held = held_acts[layer]
-        cards[layer] = {"layer": layer, "hook_point": f"blocks.{layer}.hook_resid_post", "train_s": time.perf_counter() - t1,
-                        **activation_stats(sae, held), **ce_numbers(lm, sae, layer, rows), "_heldout_acts": held}
-        (work / "candidates").mkdir(exist_ok=True)
-        sae.save_inference_model(work / "candidates" / f"L{layer}")
-        cards[layer]["_sae"] = sae
+        cards[layer] = {"layer": layer, "hook_point": f"blocks.{layer}.hook_resid_post", "train_s": train_s,
+                        **activation_stats(sae, held), **ce_numbers(lm, sae, layer, rows), "_heldout_acts": held,
+                        "_sae": sae}
         log.info("layer %d: %s", layer, {k: v for k, v in cards[layer].items() if not k.startswith("_")})
-    best = max(cards.values(), key=lambda c: (c["ce_loss_recovered"] - c["dead_fraction"] * 0.1))
+    best = pick_layer(list(cards.values()), ship_layer)
     path = out / f"gemma-3-270m-res-L{best['layer']}"
     sae = best.pop("_sae")
     card = {"model": lm.hf_name, "served_name": model, "architecture": "topk", "width": cfg.width, "k": cfg.k,

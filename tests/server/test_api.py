@@ -99,7 +99,8 @@ def test_models_and_profiles_listing(client, server):
     profiles = httpx.get(server.url + "/v1/profiles").json()["data"]
     clamp = next(p for p in profiles if p["name"] == "t_clamp")
     assert clamp["interventions"][0]["condition"] == "token"
-    assert "hp_unlearn" not in {p["name"] for p in profiles}  # gemma-2b's profile is not served here
+    hp = next(p for p in profiles if p["name"] == "hp_unlearn")  # the default model's, not gemma-2b's
+    assert hp["model"] == "gemma-3-270m" and hp["interventions"][0]["hookpoint"] == "blocks.6.hook_resid_post"
 
 
 def error_of(server, body, status, raw=None):
@@ -182,3 +183,17 @@ def test_health(server):
     body = httpx.get(server.url + "/health").json()
     assert body["status"] == "ok" and body["model"] == "gemma-3-270m"
     assert json.dumps(body)
+
+
+def test_shipped_hp_unlearn_forgets_and_keeps_generic_answers(client):
+    """The shipped profile on the real model: HP answers go, generic completions are untouched."""
+    hp = ["Harry Potter goes to school at", "The headmaster of Hogwarts is Albus",
+          "Harry Potter's two best friends are Ron Weasley and"]
+    answers = ["Hogwarts", "Dumbledore", "Hermione"]
+    for profile, expect in (("baseline", 3), ("hp_unlearn", 0)):
+        texts = [complete(client, prompt=p, max_tokens=10, extra_body={"profile": profile}).choices[0].text for p in hp]
+        assert sum(a in t for a, t in zip(answers, texts)) == expect, (profile, texts)
+    for p in ["The largest planet in our solar system is", "Water is made of hydrogen and"]:
+        base, unlearned = (complete(client, prompt=p, max_tokens=10, extra_body={"profile": x}).choices[0].text
+                           for x in ("baseline", "hp_unlearn"))
+        assert base == unlearned  # the clamp applies only where the HP features fire
