@@ -47,6 +47,8 @@ def cmd_sae_train(args) -> int:
                       seed=args.seed, eval_docs=args.eval_docs, lr=args.lr)
     if not cfg.layers or min(cfg.layers) < 0 or cfg.width < 1 or not 0 < cfg.k <= cfg.width:
         raise CLIError("need --layers ≥ 0, --width ≥ 1 and 0 < --k ≤ --width")
+    if args.ship_layer is not None and args.ship_layer not in cfg.layers:
+        raise CLIError(f"--ship-layer {args.ship_layer} is not one of --layers {cfg.layers}")
     try:
         mix_key = f"{args.model}-seed{cfg.seed}-g{cfg.generic_tokens}-r{cfg.hp_repeat}-s{cfg.samples_per_prompt}"
         card = run(cfg, args.model, args.out, args.work_dir / mix_key, args.ship_layer)

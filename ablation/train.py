@@ -209,7 +209,7 @@ def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | N
                         "_sae": sae}
         log.info("layer %d: %s", layer, {k: v for k, v in cards[layer].items() if not k.startswith("_")})
     best = pick_layer(list(cards.values()), ship_layer)
-    path = out / f"gemma-3-270m-res-L{best['layer']}"
+    path = out / f"{Path(model).name}-res-L{best['layer']}"
     sae = best.pop("_sae")
     card = {"model": lm.hf_name, "served_name": model, "architecture": "topk", "width": cfg.width, "k": cfg.k,
             "tokens_seen": int(mix["generic_tokens"] + mix["topic_tokens"] * cfg.hp_repeat) * cfg.epochs,

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from ablation.hooks import ProfileTable
 from server.engine import Engine, SamplingParams, Sequence, TokenInfo
@@ -134,7 +135,7 @@ class _Run:
         self.seqs: list[Sequence] = []
         for ctx, ids in prompts:
             for j in range(req.n):
-                p = params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + j})
+                p = params if params.seed is None else replace(params, seed=params.seed + j)
                 self.seqs.append(Sequence(ctx, ids, idx, p, emit))
         self.prompt_tokens = sum(len(s.input_ids) for s in self.seqs)
 
