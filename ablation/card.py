@@ -58,11 +58,12 @@ def cross_entropy(lm, token_rows: list[list[int]], layer: int | None = None, fn=
     return total / count
 
 
-def ce_numbers(lm, sae, layer: int, token_rows: list[list[int]]) -> dict:
+def ce_numbers(lm, sae, layer: int, token_rows: list[list[int]], reference: dict | None = None) -> dict:
+    """`reference`: an earlier result for the same rows and layer, whose SAE-free CEs are reused."""
     recon = EditTensors(torch.empty(0, dtype=torch.long), torch.empty(0), keep_error=False, condition="always")
-    clean = cross_entropy(lm, token_rows)
+    clean = reference["ce_clean"] if reference else cross_entropy(lm, token_rows)
     spliced = cross_entropy(lm, token_rows, layer, lambda x: apply_edits(x, sae, recon)[0])
-    zero = cross_entropy(lm, token_rows, layer, torch.zeros_like)
+    zero = reference["ce_zero_ablation"] if reference else cross_entropy(lm, token_rows, layer, torch.zeros_like)
     return {"ce_clean": clean, "ce_with_sae": spliced, "ce_zero_ablation": zero,
             "ce_loss_recovered": (zero - spliced) / (zero - clean), "ce_eval_tokens": sum(map(len, token_rows))}
 

@@ -153,7 +153,7 @@ def _save(sae, path: Path, card: dict, lm, layer: int, rows) -> dict:
     sae.to(torch.float16).save_model(path)
     back = load_sae(str(path))
     acts = card.pop("_heldout_acts")
-    again = {**activation_stats(back, acts), **ce_numbers(lm, back, layer, rows)}
+    again = {**activation_stats(back, acts), **ce_numbers(lm, back, layer, rows, card)}
     drift = max(abs(again[k] - card[k]) for k in ("explained_variance", "ce_loss_recovered"))
     card["storage_dtype"] = "float16"
     if drift > 0.002:

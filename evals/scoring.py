@@ -118,10 +118,9 @@ async def trivia(ctx: EvalContext) -> dict:
         items = load_jsonl(f"{name}_trivia.jsonl", "all", ctx.limit)
         prompts = [trivia_prompt(it["question"], *pair) for it in items
                    for pair in ((it["true"], it["false"]), (it["false"], it["true"]))]
-        result[name] = {}
-        for p in ctx.profiles:
-            logits = await ctx.gather(f"trivia/{name}/{p}", [choice_logprobs(ctx, q, p) for q in prompts])
-            result[name][p] = score_trivia(items, logits)
+        logits = await ctx.gather(f"trivia/{name}", [choice_logprobs(ctx, q, p) for p in ctx.profiles for q in prompts])
+        result[name] = {p: score_trivia(items, logits[i * len(prompts):(i + 1) * len(prompts)])
+                        for i, p in enumerate(ctx.profiles)}
     rows = [[p] + [result[k][p][m] for k in ("hp", "generic") for m in ("accuracy", "share_a", "both_orders_accuracy")]
             for p in ctx.profiles]
     md = ("# Trivia\n\nTwo-choice questions scored by the log-probabilities of ' A' vs ' B', each asked in both "

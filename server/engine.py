@@ -7,7 +7,6 @@ The loop: sample -> prefill -> decode_one_token -> generate.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import threading
