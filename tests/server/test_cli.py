@@ -41,3 +41,9 @@ def test_malformed_profile(tmp_path, text, needle):
 
 def test_unknown_model_name():
     assert "unknown model" in one_line_error(obliviate("serve", "--model", "no-such-model", "--profiles", "/tmp"))
+
+
+def test_sae_train_and_eval_bad_numbers_fail_before_any_work():
+    assert "--ship-layer 9 is not one of --layers [6]" in one_line_error(obliviate("sae", "train", "--layers", "6", "--ship-layer", "9"))
+    assert "expected comma-separated integers" in one_line_error(obliviate("sae", "train", "--layers", "six"))
+    assert "--limit ≥ 1" in one_line_error(obliviate("eval", "loss", "--limit", "0"))
