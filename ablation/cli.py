@@ -78,9 +78,9 @@ def add_features(sub) -> None:
             q.set_defaults(func=cmd_features_show)
             continue
         q.add_argument("--forget", type=Path, action="append", help=".txt (one text a line) or .jsonl")
-        q.add_argument("--retain", type=Path, action="append")
+        q.add_argument("--retain", type=Path, action="append", help="retain set (repeatable; each file is judged on its own)")
         q.add_argument("--generic-retain", type=int, default=300, help="also retain N Wikipedia summaries (0: none)")
-        q.add_argument("--method", choices=["dsg", "firing"], default="dsg")
+        q.add_argument("--method", choices=["dsg", "firing", "ceiling"], default="dsg")
         q.add_argument("--top", type=int, default=20)
         q.add_argument("--min-ratio", type=float, default=5.0, help="dsg: mean(forget)/mean(retain) floor")
         q.add_argument("--max-retain-rate", type=float, default=0.01, help="firing: retain firing-rate ceiling")
@@ -91,6 +91,9 @@ def add_features(sub) -> None:
         q.add_argument("--condition", choices=["always", "token", "sequence"], default="token")
         q.add_argument("--value-scale", type=float, default=1.0,
                        help="clamp to -scale x the feature's mean activation where active (0: zero-ablate)")
+        q.add_argument("--fires-above", type=float, default=0.0,
+                       help="token/sequence: a feature counts as active only above this fraction of its mean "
+                            "activation (method ceiling: above its highest activation on retain text)")
         q.add_argument("--json", type=Path, help="write the ranking as JSON")
         q.set_defaults(func=cmd_features_discover)
 
@@ -133,35 +136,39 @@ def cmd_features_discover(args) -> int:
     import json
 
     from ablation import corpus
-    from ablation.discover import feature_acts, profile_yaml, rank, top_contexts
+    from ablation.discover import feature_acts, profile_yaml, rank, retain_sets, top_contexts
 
     lm, sae, ref, hookpoint, layer = _setup(args)
     forget = _texts(args.forget, [DATA / "hp_topic.txt"])
-    retain = _texts(args.retain, [DATA / "fiction_retain.txt"])
-    if args.generic_retain:
-        try:
-            retain += [t for _, t in corpus.wiki_summaries("train")[: args.generic_retain]]
-        except corpus.CorpusError as e:
-            raise CLIError(str(e)) from None
-    fa, ra = feature_acts(lm, sae, forget, layer), feature_acts(lm, sae, retain, layer)
+    paths = args.retain or [DATA / "fiction_retain.txt"]
+    _texts(paths, [])  # every file exists
+    try:
+        sets = retain_sets(paths, args.generic_retain)
+    except corpus.CorpusError as e:
+        raise CLIError(str(e)) from None
+    fa, ra = feature_acts(lm, sae, forget, layer), [feature_acts(lm, sae, t, layer) for t in sets]
     ranking = rank(fa, ra, args.method, args.min_ratio, args.max_retain_rate, args.top)
-    print(f"{len(forget)} forget texts ({fa.acts.shape[0]} tokens), {len(retain)} retain texts "
-          f"({ra.acts.shape[0]} tokens); {args.method} ranking at {hookpoint}")
+    retain = [t for ts in sets for t in ts]
+    print(f"{len(forget)} forget texts ({fa.acts.shape[0]} tokens), {len(sets)} retain sets "
+          f"({', '.join(str(r.acts.shape[0]) for r in ra)} tokens; each feature judged by the set it fires on "
+          f"most); {args.method} ranking at {hookpoint}")
     for r in ranking:
         r["contexts"] = top_contexts(fa, lm.tokenizer, forget, r["feature"], args.contexts)
         print(f"\n#{r['feature']:>5}  score {r['score']:.4g}  mean forget/retain {r['mean_forget']:.3g}/"
-              f"{r['mean_retain']:.3g} (x{r['ratio']:.1f})  fires forget/retain {r['rate_forget']:.1%}/{r['rate_retain']:.2%}")
+              f"{r['mean_retain']:.3g} (x{r['ratio']:.1f})  fires forget/retain {r['rate_forget']:.1%}/{r['rate_retain']:.2%}  max on retain {r['max_retain']:.3g}")
         for c in r["contexts"]:
             print(f"    {c['act']:7.2f}  {c['context']!r}")
     if args.json:
         args.json.write_text(json.dumps(ranking, indent=2))
     if args.write_profile:
+        active = ("active = above its highest activation on retain text" if args.method == "ceiling"
+                  else f"active = above {args.fires_above} x its mean activation")
         note = (f"Top {args.k} {args.method}-ranked features of {ref} at {hookpoint} (forget: "
                 f"{len(forget)} texts; retain: {len(retain)} texts), clamped to -{args.value_scale} x mean "
-                f"activation where active; keep_error={args.keep_error}, condition={args.condition}.")
+                f"activation where active ({active}); keep_error={args.keep_error}, condition={args.condition}.")
         args.write_profile.write_text(profile_yaml(args.profile_name, args.model, ref, hookpoint,
                                                    ranking[: args.k], args.keep_error, args.condition,
-                                                   args.value_scale, note))
+                                                   args.value_scale, note, args.fires_above))
         print(f"\nwrote {args.write_profile}")
     return 0
 

@@ -4,6 +4,12 @@ dsg:     squared mean activation on forget tokens, kept only where mean(forget) 
          min_ratio (after DSG, 2025)
 firing:  firing rate on forget tokens, after dropping features that fire on more than max_retain_rate
          of retain tokens (after Farrell et al. 2024 / SAEBench)
+ceiling: rate of forget tokens where the feature fires above its highest activation on any retain
+         text; that activation becomes the feature's `fires_above`, so a feature that fires weakly
+         on retain text and strongly on the topic (a first-name feature and "Harry") is usable
+
+The retain side may be several sets (say, other fiction and Wikipedia); a feature is then judged by
+the set it fires on most, so a genre feature cannot pass because a large generic set dilutes it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ def read_texts(path: Path) -> list[str]:
     return lines
 
 
+def retain_sets(paths: list[Path], n_wiki: int) -> list[list[str]]:
+    """One retain set per file, plus n_wiki Wikipedia summaries from the SAE's training split."""
+    from ablation import corpus
+
+    sets = [read_texts(p) for p in paths]
+    return sets + ([[t for _, t in corpus.wiki_summaries("train")[:n_wiki]]] if n_wiki else [])
+
+
 def layer_of(hookpoint: str) -> int:
     m = HOOKPOINT_RE.match(hookpoint or "")
     if not m or m.group(2) != "post":
@@ -61,23 +75,29 @@ def feature_acts(lm, sae, texts: list[str], layer: int, max_len: int = 128) -> F
     return FeatureActs(torch.cat(acts), ids, doc, pos)
 
 
-def rank(forget: FeatureActs, retain: FeatureActs, method: str = "dsg", min_ratio: float = 5.0,
+def rank(forget: FeatureActs, retain: FeatureActs | list[FeatureActs], method: str = "dsg", min_ratio: float = 5.0,
          max_retain_rate: float = 0.01, top: int = 20) -> list[dict]:
-    f, r = forget.acts, retain.acts
-    mean_f, mean_r = f.mean(0), r.mean(0)
-    rate_f, rate_r = (f > 0).float().mean(0), (r > 0).float().mean(0)
+    f = forget.acts
+    groups = [g.acts for g in (retain if isinstance(retain, list) else [retain])]
+    mean_f, rate_f = f.mean(0), (f > 0).float().mean(0)
+    mean_r = torch.stack([g.mean(0) for g in groups]).amax(0)  # worst retain set, per feature
+    rate_r = torch.stack([(g > 0).float().mean(0) for g in groups]).amax(0)
+    max_r = torch.stack([g.amax(0) for g in groups]).amax(0)
     ratio = mean_f / mean_r.clamp_min(1e-6)
     if method == "dsg":
         score = torch.where(ratio >= min_ratio, mean_f ** 2, torch.zeros_like(mean_f))
     elif method == "firing":
         score = torch.where(rate_r <= max_retain_rate, rate_f, torch.zeros_like(rate_f))
+    elif method == "ceiling":
+        score = (f > max_r).float().mean(0)
     else:
-        raise ValueError(f"unknown method {method!r}: use dsg or firing")
+        raise ValueError(f"unknown method {method!r}: use dsg, firing or ceiling")
     order = score.argsort(descending=True)[:top]
     active_mean = (f.sum(0) / (f > 0).sum(0).clamp_min(1))
     return [{"feature": int(i), "score": float(score[i]), "mean_forget": float(mean_f[i]),
              "mean_retain": float(mean_r[i]), "ratio": float(ratio[i]), "rate_forget": float(rate_f[i]),
-             "rate_retain": float(rate_r[i]), "mean_when_active": float(active_mean[i])}
+             "rate_retain": float(rate_r[i]), "max_retain": float(max_r[i]), "mean_when_active": float(active_mean[i]),
+             **({"fires_above": float(max_r[i])} if method == "ceiling" else {})}
             for i in order if score[i] > 0]
 
 
@@ -96,14 +116,19 @@ def top_contexts(fa: FeatureActs, tok, texts: list[str], feature: int, n: int = 
 
 
 def profile_yaml(name: str, model: str, sae_ref: str, hookpoint: str, features: list[dict], keep_error: bool,
-                 condition: str, value_scale: float, note: str) -> str:
-    """A profile clamping each feature to -value_scale x its mean activation where active (0 -> ablate)."""
+                 condition: str, value_scale: float, note: str, fires_above: float = 0.0) -> str:
+    """A profile clamping each feature to -value_scale x its mean activation where active (0 -> ablate).
+    A feature counts as active above its ranking's `fires_above` (method ceiling), else above
+    fires_above x its mean activation."""
     import yaml
 
     edits = [{"feature": f["feature"], "value": round(-value_scale * f["mean_when_active"], 3)} for f in features]
+    for e, f in zip(edits, features):
+        if "fires_above" in f or fires_above:
+            e["fires_above"] = round(f.get("fires_above", fires_above * f["mean_when_active"]), 3)
     spec = {"name": name, "description": note, "model": model,
             "interventions": [{"hookpoint": hookpoint, "sae": sae_ref, "keep_error": keep_error,
                                "condition": condition, "edits": edits}],
             "metadata": {"version": 1, "notes": json.dumps([{k: round(v, 4) if isinstance(v, float) else v
-                                                             for k, v in f.items()} for f in features])}}
+                                                             for k, v in f.items() if k != "contexts"} for f in features])}}
     return yaml.safe_dump(spec, sort_keys=False, width=100)

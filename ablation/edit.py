@@ -24,6 +24,7 @@ class EditTensors:
     keep_error: bool
     condition: str  # "always" | "token" | "sequence"
     skip_bos: bool = True
+    thresholds: torch.Tensor | None = None  # [k]: a feature fires where its activation is above this
 
     @classmethod
     def from_intervention(cls, iv: Intervention, device: torch.device | str = "cpu") -> "EditTensors":
@@ -33,6 +34,7 @@ class EditTensors:
             keep_error=iv.keep_error,
             condition=iv.condition,
             skip_bos=iv.skip_bos,
+            thresholds=torch.tensor([e.fires_above for e in iv.edits], dtype=torch.float32, device=device),
         )
 
     @property
@@ -56,7 +58,7 @@ def edit_columns(
     Returns the edited features' old and new activations ([B, S, k] each) and the updated `fired`."""
     sel = acts[..., edit.features]  # [B, S, k]
     target = edit.values.to(acts.dtype).expand_as(sel)
-    active = sel > 0
+    active = sel > (0 if edit.thresholds is None else edit.thresholds.to(acts.dtype))
     if edit.condition == "always":
         return sel, target, fired
     if edit.condition == "token":

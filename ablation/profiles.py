@@ -29,6 +29,9 @@ class FeatureEdit(_Strict):
     feature: int = Field(ge=0)
     # the activation the feature is set to: 0 = the seed's ablation, negative = clamping
     value: float = 0.0
+    # for conditions token/sequence: the feature counts as firing only above this activation
+    # (a name feature that fires weakly on every first name and strongly on the topic's one)
+    fires_above: float = Field(default=0.0, ge=0)
 
 
 class Intervention(_Strict):

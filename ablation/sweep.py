@@ -1,7 +1,12 @@
 """Choosing the shipped `hp_unlearn` by measurement: discover features, write candidate profiles
-(k features x clamp value x mode), serve them all, and score each on the *dev* prompts over HTTP.
+(k features x clamp value x mode x firing threshold), serve them all, and score each on the *dev*
+prompts over HTTP.
 
-    python -m ablation.sweep [--sae DIR] [--ks 1,2,3,5] [--scales 0.5,1,2] [--out runs/sweep]
+    python -m ablation.sweep [--sae DIR] [--method dsg|firing|ceiling] [--ks 1,2,3,5] [--scales 0.5,1,2]
+                             [--modes clamp,clamp_seq,...] [--thresholds 0,0.5] [--out runs/sweep]
+
+The shipped profile came from
+    python -m ablation.sweep --method ceiling --ks 2,3,5,8 --scales 1,2 --modes clamp_seq --out runs/sweep
 
 Prints and writes a table: HP / generic / nearby correct on the dev split and CE on held-out text.
 """
@@ -14,7 +19,7 @@ import json
 from pathlib import Path
 
 from ablation import corpus
-from ablation.discover import feature_acts, profile_yaml, rank
+from ablation.discover import feature_acts, profile_yaml, rank, retain_sets
 
 MODES = {  # name -> (keep_error, condition, scale multiplier; 0 = zero-ablation)
     "clamp": (True, "token", 1.0),
@@ -24,28 +29,30 @@ MODES = {  # name -> (keep_error, condition, scale multiplier; 0 = zero-ablation
 }
 
 
-def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, method: str) -> dict:
+def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, method: str,
+               modes: list[str] = list(MODES), thresholds: list[float] = [0.0]) -> dict:
     from ablation.saes import load_sae
 
     sae = load_sae(sae_ref)
     hook = sae.cfg.metadata.hook_name
     layer = int(hook.split(".")[1])
-    data = Path(__file__).parent / "data"
     forget = corpus.paragraphs("hp_topic.txt")
-    retain = [p for p in (data / "fiction_retain.txt").read_text().splitlines() if p.strip()]
-    retain += [t for _, t in corpus.wiki_summaries("train")[:300]]
-    ranking = rank(feature_acts(lm, sae, forget, layer), feature_acts(lm, sae, retain, layer), method, top=max(ks))
+    retain = [feature_acts(lm, sae, t, layer) for t in retain_sets([Path(__file__).parent / "data" / "fiction_retain.txt"], 300)]
+    ranking = rank(feature_acts(lm, sae, forget, layer), retain, method, top=max(ks))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ranking.json").write_text(json.dumps(ranking, indent=2))
     (out / "c_sae_only.yaml").write_text(profile_yaml("c_sae_only", lm.name, sae_ref, hook, [], False, "always", 0, "sae_only"))
     names = {"c_sae_only": {"k": 0, "mode": "sae_only", "scale": ""}}
     for k in ks:
-        for mode, (keep_error, condition, mult) in MODES.items():
+        for mode in modes:
+            keep_error, condition, mult = MODES[mode]
             for scale in (scales if mult else [0.0]):
-                name = f"c_{mode}_k{k}_s{scale:g}"
-                (out / f"{name}.yaml").write_text(profile_yaml(
-                    name, lm.name, sae_ref, hook, ranking[:k], keep_error, condition, scale * mult, name))
-                names[name] = {"k": k, "mode": mode, "scale": scale}
+                for t in (thresholds if condition != "always" else [0.0]):
+                    name = f"c_{mode}_k{k}_s{scale:g}" + (f"_t{t:g}" if t else "")
+                    (out / f"{name}.yaml").write_text(profile_yaml(
+                        name, lm.name, sae_ref, hook, ranking[:k], keep_error, condition, scale * mult, name, t))
+                    names[name] = {"k": k, "mode": mode, "scale": scale,
+                                   "fires_above": "retain max" if method == "ceiling" and condition != "always" else t}
     return names
 
 
@@ -86,6 +93,8 @@ def main() -> None:
     ap.add_argument("--ks", default="1,2,3,5")
     ap.add_argument("--scales", default="0.5,1,2")
     ap.add_argument("--method", default="dsg")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
+    ap.add_argument("--thresholds", default="0", help="fires_above, as fractions of each feature's mean activation")
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("runs/sweep"))
     args = ap.parse_args()
@@ -94,17 +103,19 @@ def main() -> None:
         args.sae = _default_sae()
     lm = load_model("gemma-3-270m", device="cpu")
     meta = candidates(lm, args.sae, [int(k) for k in args.ks.split(",")],
-                      [float(s) for s in args.scales.split(",")], args.out, args.method)
+                      [float(s) for s in args.scales.split(",")], args.out, args.method,
+                      args.modes.split(","), [float(t) for t in args.thresholds.split(",")])
     dirs = [default_profiles_dir(), args.out]
     table = ProfileTable(load_profiles(dirs, lm.name), lm.device, lm.dtype)
     with LiveServer(Settings(profiles=dirs), lm, table) as srv:
-        profiles = ["baseline"] + [p for p in table.names if p.startswith("c_") or p in ("sae_only",)]
+        profiles = ["baseline"] + [p for p in table.names if p.startswith("c_")]
         rows = asyncio.run(score(srv.url, profiles, args.docs))
     base = rows["baseline"]
-    lines = ["| profile | k | mode | scale | HP | generic | nearby | CE | CE +% |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| profile | k | mode | scale | fires above | HP | generic | nearby | CE | CE +% |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p, r in rows.items():
-        m = meta.get(p, {"k": "", "mode": p, "scale": ""})
-        lines.append(f"| {p} | {m['k']} | {m['mode']} | {m['scale']} | {r['hp']} | {r['generic']} | {r['nearby']} | "
+        m = meta.get(p, {"k": "", "mode": p, "scale": "", "fires_above": ""})
+        lines.append(f"| {p} | {m['k']} | {m['mode']} | {m['scale']} | {m.get('fires_above', '')} | {r['hp']} | {r['generic']} | {r['nearby']} | "
                      f"{r['ce']:.4f} | {100 * (r['ce'] - base['ce']) / base['ce']:+.2f} |")
     (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
     (args.out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

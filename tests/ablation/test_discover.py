@@ -33,6 +33,28 @@ def test_features_busy_on_retain_are_excluded():
     assert all(r["feature"] != 42 for r in rank(forget, retain, "dsg"))
 
 
+def test_a_small_retain_set_is_not_diluted_by_a_large_one():
+    # feature 42 fires on the forget side and on a small same-genre retain set as often; a large generic
+    # set where it never fires would let it pass if the two were pooled
+    forget, genre = synthetic(600, 64, planted=42), synthetic(300, 64, planted=42, seed=1)
+    generic = synthetic(30000, 64, seed=2)
+    generic.acts[:, 42] = 0
+    pooled = FeatureActs(torch.cat([genre.acts, generic.acts]), [], [], [])
+    for method in ("dsg", "firing"):
+        assert rank(forget, pooled, method, top=3)[0]["feature"] == 42, method
+        assert all(r["feature"] != 42 for r in rank(forget, [genre, generic], method)), method
+    assert rank(forget, [generic], "dsg", top=1)[0]["feature"] == 42
+
+
+def test_ceiling_keeps_a_feature_that_fires_weakly_on_retain_and_strongly_on_forget():
+    forget, retain = synthetic(600, 64, planted=42), synthetic(3000, 64, seed=1)
+    retain.acts[:, 42] = 0
+    retain.acts[::2, 42] = 1.0  # a weak firing on half the retain tokens: dsg and firing drop it
+    assert all(r["feature"] != 42 for r in rank(forget, retain, "firing"))
+    top = rank(forget, retain, "ceiling", top=3)[0]
+    assert top["feature"] == 42 and top["fires_above"] == 1.0 and abs(top["score"] - 1 / 3) < 0.01
+
+
 def test_written_profile_clamps_to_minus_mean_activation(tmp_path):
     import yaml
 
@@ -50,6 +72,11 @@ def test_written_profile_clamps_to_minus_mean_activation(tmp_path):
     edit = spec.interventions[0].edits[0]
     assert edit.feature == 42 and abs(edit.value + ranking[0]["mean_when_active"]) < 1e-3
     assert yaml.safe_load(path.read_text())["interventions"][0]["condition"] == "token"
+    assert edit.fires_above == 0.0
+    path.write_text(profile_yaml("p", "gemma-3-270m", str(sae), "blocks.6.hook_resid_post",
+                                 rank(forget, retain, "ceiling", top=1), True, "sequence", 2.0, "test"))
+    edit = load_profile(path).interventions[0].edits[0]
+    assert edit.fires_above == round(float(retain.acts[:, 42].max()), 3) and edit.value < 0
 
 
 def test_discover_and_show_cli_on_the_real_model(tmp_path, test_profiles_dir):

@@ -80,6 +80,22 @@ def test_token_condition_clamps_only_where_the_feature_fires():
     assert torch.equal(old, acts[..., :1])
 
 
+def test_fires_above_ignores_weak_activations_for_token_and_sequence():
+    acts = torch.tensor([[[1.5], [4.0], [0.5], [0.0]],
+                         [[1.0], [2.5], [0.0], [0.0]]])  # [2, 4, 1]
+    iv = Intervention(hookpoint="blocks.0.hook_resid_post", sae="x:y", condition="token",
+                      edits=[FeatureEdit(feature=0, value=-7.0, fires_above=2.0)])
+    _, new, _ = edit_columns(acts, EditTensors.from_intervention(iv))
+    assert new[..., 0].tolist() == [[1.5, -7.0, 0.5, 0.0], [1.0, -7.0, 0.0, 0.0]]
+    seq = EditTensors.from_intervention(iv.model_copy(update={"condition": "sequence"}))
+    _, new, fired = edit_columns(acts[:, [0, 2, 1]], seq)  # the weak firings come first
+    assert new[..., 0].tolist() == [[1.5, 0.5, -7.0], [1.0, 0.0, -7.0]] and fired.tolist() == [True, True]
+    _, new, fired = edit_columns(acts[:, [0, 2]], seq)  # only weak firings: nothing starts
+    assert torch.equal(new, acts[:, [0, 2]]) and fired.tolist() == [False, False]
+    with pytest.raises(ValueError):
+        FeatureEdit(feature=0, value=-1.0, fires_above=-1.0)
+
+
 def test_sequence_condition_starts_at_first_firing_and_respects_padding():
     acts = torch.tensor([[[0.0], [0.0], [3.0], [0.0]],
                          [[4.0], [0.0], [0.0], [0.0]]])  # [2, 4, 1]

@@ -186,14 +186,15 @@ def test_health(server):
 
 
 def test_shipped_hp_unlearn_forgets_and_keeps_generic_answers(client):
-    """The shipped profile on the real model: HP answers go, generic completions are untouched."""
+    """The shipped profile on the real model: HP answers go, generic and other-fantasy completions are untouched."""
     hp = ["Harry Potter goes to school at", "The headmaster of Hogwarts is Albus",
           "Harry Potter's two best friends are Ron Weasley and"]
     answers = ["Hogwarts", "Dumbledore", "Hermione"]
     for profile, expect in (("baseline", 3), ("hp_unlearn", 0)):
         texts = [complete(client, prompt=p, max_tokens=10, extra_body={"profile": profile}).choices[0].text for p in hp]
         assert sum(a in t for a, t in zip(answers, texts)) == expect, (profile, texts)
-    for p in ["The largest planet in our solar system is", "Water is made of hydrogen and"]:
+    for p in ["The largest planet in our solar system is", "Water is made of hydrogen and",
+              "In The Lord of the Rings, the wizard who fights the Balrog is"]:
         base, unlearned = (complete(client, prompt=p, max_tokens=10, extra_body={"profile": x}).choices[0].text
                            for x in ("baseline", "hp_unlearn"))
-        assert base == unlearned  # the clamp applies only where the HP features fire
+        assert base == unlearned  # other fantasy included: no HP feature passes its retain ceiling
