@@ -138,17 +138,16 @@ def cmd_features_discover(args) -> int:
     from ablation import corpus
     from ablation.discover import feature_acts, profile_yaml, rank, retain_sets, top_contexts
 
-    lm, sae, ref, hookpoint, layer = _setup(args)
+    if args.fires_above < 0 or args.k < 1:
+        raise CLIError("need --fires-above ≥ 0 and --k ≥ 1")
     forget = _texts(args.forget, [DATA / "hp_topic.txt"])
-    paths = args.retain or [DATA / "fiction_retain.txt"]
-    _texts(paths, [])  # every file exists
     try:
-        sets = retain_sets(paths, args.generic_retain)
+        sets = retain_sets([_texts([p], []) for p in args.retain or [DATA / "fiction_retain.txt"]], args.generic_retain)
     except corpus.CorpusError as e:
         raise CLIError(str(e)) from None
+    lm, sae, ref, hookpoint, layer = _setup(args)
     fa, ra = feature_acts(lm, sae, forget, layer), [feature_acts(lm, sae, t, layer) for t in sets]
     ranking = rank(fa, ra, args.method, args.min_ratio, args.max_retain_rate, args.top)
-    retain = [t for ts in sets for t in ts]
     print(f"{len(forget)} forget texts ({fa.acts.shape[0]} tokens), {len(sets)} retain sets "
           f"({', '.join(str(r.acts.shape[0]) for r in ra)} tokens; each feature judged by the set it fires on "
           f"most); {args.method} ranking at {hookpoint}")
@@ -164,7 +163,7 @@ def cmd_features_discover(args) -> int:
         active = ("active = above its highest activation on retain text" if args.method == "ceiling"
                   else f"active = above {args.fires_above} x its mean activation")
         note = (f"Top {args.k} {args.method}-ranked features of {ref} at {hookpoint} (forget: "
-                f"{len(forget)} texts; retain: {len(retain)} texts), clamped to -{args.value_scale} x mean "
+                f"{len(forget)} texts; retain: {sum(map(len, sets))} texts), clamped to -{args.value_scale} x mean "
                 f"activation where active ({active}); keep_error={args.keep_error}, condition={args.condition}.")
         args.write_profile.write_text(profile_yaml(args.profile_name, args.model, ref, hookpoint,
                                                    ranking[: args.k], args.keep_error, args.condition,

@@ -44,11 +44,10 @@ def read_texts(path: Path) -> list[str]:
     return lines
 
 
-def retain_sets(paths: list[Path], n_wiki: int) -> list[list[str]]:
-    """One retain set per file, plus n_wiki Wikipedia summaries from the SAE's training split."""
+def retain_sets(sets: list[list[str]], n_wiki: int) -> list[list[str]]:
+    """The given retain sets, plus one of n_wiki Wikipedia summaries from the SAE's training split."""
     from ablation import corpus
 
-    sets = [read_texts(p) for p in paths]
     return sets + ([[t for _, t in corpus.wiki_summaries("train")[:n_wiki]]] if n_wiki else [])
 
 

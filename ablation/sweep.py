@@ -19,8 +19,9 @@ import json
 from pathlib import Path
 
 from ablation import corpus
-from ablation.discover import feature_acts, profile_yaml, rank, retain_sets
+from ablation.discover import feature_acts, profile_yaml, rank, read_texts, retain_sets
 
+DATA = Path(__file__).parent / "data"
 MODES = {  # name -> (keep_error, condition, scale multiplier; 0 = zero-ablation)
     "clamp": (True, "token", 1.0),
     "clamp_seq": (True, "sequence", 1.0),
@@ -30,14 +31,14 @@ MODES = {  # name -> (keep_error, condition, scale multiplier; 0 = zero-ablation
 
 
 def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, method: str,
-               modes: list[str] = list(MODES), thresholds: list[float] = [0.0]) -> dict:
+               modes: tuple[str, ...] = tuple(MODES), thresholds: tuple[float, ...] = (0.0,)) -> dict:
     from ablation.saes import load_sae
 
     sae = load_sae(sae_ref)
     hook = sae.cfg.metadata.hook_name
     layer = int(hook.split(".")[1])
     forget = corpus.paragraphs("hp_topic.txt")
-    retain = [feature_acts(lm, sae, t, layer) for t in retain_sets([Path(__file__).parent / "data" / "fiction_retain.txt"], 300)]
+    retain = [feature_acts(lm, sae, t, layer) for t in retain_sets([read_texts(DATA / "fiction_retain.txt")], 300)]
     ranking = rank(feature_acts(lm, sae, forget, layer), retain, method, top=max(ks))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ranking.json").write_text(json.dumps(ranking, indent=2))
@@ -92,19 +93,25 @@ def main() -> None:
     ap.add_argument("--sae", help="SAE directory (default: the shipped one)")
     ap.add_argument("--ks", default="1,2,3,5")
     ap.add_argument("--scales", default="0.5,1,2")
-    ap.add_argument("--method", default="dsg")
+    ap.add_argument("--method", choices=["dsg", "firing", "ceiling"], default="dsg")
     ap.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     ap.add_argument("--thresholds", default="0", help="fires_above, as fractions of each feature's mean activation")
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("runs/sweep"))
     args = ap.parse_args()
+    try:
+        ks, scales = [int(k) for k in args.ks.split(",")], [float(x) for x in args.scales.split(",")]
+        thresholds = [float(t) for t in args.thresholds.split(",")]
+    except ValueError:
+        ap.error("--ks, --scales and --thresholds take comma-separated numbers")
+    modes = args.modes.split(",")
+    if unknown := [m for m in modes if m not in MODES]:
+        ap.error(f"unknown --modes {','.join(unknown)}: use {','.join(MODES)}")
     if not args.sae:
         from ablation.cli import _default_sae
         args.sae = _default_sae()
     lm = load_model("gemma-3-270m", device="cpu")
-    meta = candidates(lm, args.sae, [int(k) for k in args.ks.split(",")],
-                      [float(s) for s in args.scales.split(",")], args.out, args.method,
-                      args.modes.split(","), [float(t) for t in args.thresholds.split(",")])
+    meta = candidates(lm, args.sae, ks, scales, args.out, args.method, modes, thresholds)
     dirs = [default_profiles_dir(), args.out]
     table = ProfileTable(load_profiles(dirs, lm.name), lm.device, lm.dtype)
     with LiveServer(Settings(profiles=dirs), lm, table) as srv:

@@ -47,3 +47,10 @@ def test_sae_train_and_eval_bad_numbers_fail_before_any_work():
     assert "--ship-layer 9 is not one of --layers [6]" in one_line_error(obliviate("sae", "train", "--layers", "6", "--ship-layer", "9"))
     assert "expected comma-separated integers" in one_line_error(obliviate("sae", "train", "--layers", "six"))
     assert "--limit ≥ 1" in one_line_error(obliviate("eval", "loss", "--limit", "0"))
+
+
+def test_features_discover_bad_input_fails_before_the_model_loads(tmp_path):
+    assert "--fires-above ≥ 0" in one_line_error(obliviate("features", "discover", "--fires-above", "-1"))
+    missing = tmp_path / "nope.txt"
+    assert f"{missing}: file not found" in one_line_error(obliviate("features", "discover", "--retain", str(missing),
+                                                                    "--generic-retain", "0"))
