@@ -3,6 +3,10 @@
 reconstruct  (keep_error=False): x' = decode(a')           the seed's method; `sae_only` when a' = a
 keep_error   (keep_error=True):  x' = x + decode(a') - decode(a)  only the edited features move x
 where a = encode(x) and a' is a with the chosen features set to their values where `condition` holds.
+
+Activations come as [B, S, d] rows (each row one sequence) or as flat tokens [N, d] with `seq`
+saying which sequence each token belongs to (a sequence's tokens contiguous and in order), the
+layout of a packed prefill or of vLLM's batches. Only the `sequence` condition needs to know.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from sae_lens import SAE
 
-from ablation.profiles import Intervention
+from ablation.spec import Intervention
 
 
 @dataclass(frozen=True)
@@ -47,29 +51,55 @@ def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     return acts.to_dense() if acts.is_sparse else acts
 
 
+def token_sequences(shape: torch.Size, seq: torch.Tensor | None, device) -> torch.Tensor:
+    """[N] sequence index per flattened token: `seq` as given, else each row of [B, S, ...] is one
+    sequence, else (flat tokens) all tokens are one."""
+    if seq is not None:
+        return seq.reshape(-1)
+    if len(shape) >= 3:
+        return torch.arange(shape[0], device=device).repeat_interleave(shape[1])
+    return torch.zeros(shape[0], dtype=torch.long, device=device)
+
+
+def sequence_on(hit: torch.Tensor, seq: torch.Tensor, fired: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hit: [N] bool, seq: [N] long, fired: [R] bool (indexed by seq) -> (on [N]: at or after the
+    first hit of its sequence or the sequence fired in an earlier forward, updated fired [R])."""
+    _, counts = torch.unique_consecutive(seq, return_counts=True)
+    ends = counts.cumsum(0)  # [r] one past each sequence's last token
+    c = hit.long().cumsum(0)
+    before = torch.cat([c.new_zeros(1), c[ends[:-1] - 1]])  # hits before each sequence starts
+    on = ((c - before.repeat_interleave(counts)) > 0) | fired[seq]
+    fired = fired.clone()
+    fired[seq[ends - 1]] = on[ends - 1]
+    return on, fired
+
+
 def edit_columns(
     acts: torch.Tensor,
     edit: EditTensors,
     valid: torch.Tensor | None = None,
     fired: torch.Tensor | None = None,
+    seq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """acts: [B, S, d_sae]; valid: [B, S] bool (False at padding); fired: [B] bool, whether an
-    edited feature fired earlier in the sequence (condition "sequence", carried across decode steps).
-    Returns the edited features' old and new activations ([B, S, k] each) and the updated `fired`."""
-    sel = acts[..., edit.features]  # [B, S, k]
+    """acts: [..., d_sae]; valid: [...] bool (False at padding and BOS); fired: [R] bool, whether an
+    edited feature fired earlier in each sequence (condition "sequence", carried across decode
+    steps); seq: see token_sequences. Returns the edited features' old and new activations
+    ([..., k] each) and the updated `fired`."""
+    sel = acts[..., edit.features]  # [..., k]
     target = edit.values.to(acts.dtype).expand_as(sel)
     active = sel > (0 if edit.thresholds is None else edit.thresholds.to(acts.dtype))
     if edit.condition == "always":
         return sel, target, fired
     if edit.condition == "token":
         return sel, torch.where(active, target, sel), fired
-    hit = active.any(-1)  # [B, S]
+    hit = active.any(-1)  # [...]
     if valid is not None:
         hit = hit & valid
+    seq = token_sequences(acts.shape, seq, acts.device)
     if fired is None:
-        fired = torch.zeros(acts.shape[0], dtype=torch.bool, device=acts.device)
-    on = (hit.cumsum(-1) > 0) | fired[:, None]  # [B, S]
-    return sel, torch.where(on[..., None], target, sel), on[:, -1]
+        fired = torch.zeros(int(seq.max()) + 1, dtype=torch.bool, device=acts.device)
+    on, fired = sequence_on(hit.reshape(-1), seq, fired)
+    return sel, torch.where(on.reshape(hit.shape)[..., None], target, sel), fired
 
 
 def decoder_rows(sae: SAE, features: torch.Tensor) -> torch.Tensor:
@@ -87,16 +117,18 @@ def apply_edits(
     edit: EditTensors,
     valid: torch.Tensor | None = None,
     fired: torch.Tensor | None = None,
+    seq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x: [B, S, d_model] residual -> (edited residual in x's dtype, updated `fired`).
-    valid: [B, S] positions that may be edited and may count as firing (False at padding, BOS)."""
+    """x: [..., d_model] residual ([B, S, d] rows or [N, d] tokens) -> (edited residual in x's
+    dtype, updated `fired`). valid: [...] positions that may be edited and may count as firing
+    (False at padding, BOS)."""
     if edit.is_noop:
         return x, fired
     acts = encode(sae, x)
     if edit.features.numel() == 0:  # sae_only
         out = sae.decode(acts).to(x.dtype)
     else:
-        old, new, fired = edit_columns(acts, edit, valid, fired)
+        old, new, fired = edit_columns(acts, edit, valid, fired, seq)
         if edit.keep_error:  # x + sum_f (a'_f - a_f) W_dec[f]
             out = x + ((new - old) @ decoder_rows(sae, edit.features)).to(x.dtype)
         else:

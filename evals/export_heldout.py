@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from ablation.corpus import wiki_summaries
+from ablation.offline.corpus import wiki_summaries
 from evals.common import DATA
 
 

@@ -11,11 +11,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ablation.hooks import ProfileTable
-from ablation.profiles import load_profiles
-from server.engine import Engine
+from ablation.spec import load_profiles
+from server.engine.base import Engine
+from server.engine.builtin import BuiltinEngine
 from server.errors import ObliviateError
 from server.metrics import Metrics
-from server.models import load_model
+from server.models import LoadedModel, ModelInfo, load_info, load_model, pick_device, pick_dtype
 from server.protocol import ErrorInfo, ErrorResponse
 from server.routes import api, ops
 from server.serving import CompletionServing
@@ -59,25 +60,54 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
 
-def build_app(settings: Settings, lm=None, table: ProfileTable | None = None) -> FastAPI:
-    """`lm`/`table` may be loaded by the caller (the CLI, to report errors before serving; tests,
+def make_engine(settings: Settings, model, table: ProfileTable) -> Engine:
+    """The engine settings.engine names, over a loaded model (builtin) or its folder (vllm)."""
+    if settings.engine == "vllm":
+        from server.engine.vllm import VLLMEngine
+
+        dtype = settings.dtype or str(pick_dtype(None, pick_device(settings.device))).removeprefix("torch.")
+        return VLLMEngine(model, table.specs, dtype=dtype, max_batch_size=settings.max_batch_size,
+                          max_model_len=min(settings.max_model_len, model.max_len),
+                          tensor_parallel_size=settings.tensor_parallel_size,
+                          data_parallel_size=settings.data_parallel_size)
+    return BuiltinEngine(model, table, settings.max_batch_size)
+
+
+def load_model_for(settings: Settings) -> ModelInfo:
+    """The built-in engine needs the weights; vLLM only the folder and tokenizer (its worker loads them)."""
+    if settings.engine == "vllm":
+        return load_info(settings.model, settings.cache_dir)
+    return load_model(settings.model, settings.cache_dir, settings.device, settings.dtype)
+
+
+def profile_table(settings: Settings, model: ModelInfo) -> ProfileTable:
+    """The profiles for `model`, SAEs loaded and checked against it (for vLLM, on the CPU: its worker
+    loads its own copy)."""
+    table = ProfileTable(load_profiles(settings.profiles, model.name), *(
+        (model.device, model.dtype) if isinstance(model, LoadedModel) else ()))
+    table.check_model(model.n_layers, model.config.hidden_size)
+    return table
+
+
+def build_app(settings: Settings, model: ModelInfo | None = None, table: ProfileTable | None = None) -> FastAPI:
+    """`model`/`table` may be loaded by the caller (the CLI, to report errors before serving; tests,
     to share one model); otherwise the lifespan loads them."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model = lm or load_model(settings.model, settings.cache_dir, settings.device, settings.dtype)
-        tbl = table or ProfileTable(load_profiles(settings.profiles, model.name), model.device, model.dtype)
-        engine = Engine(model, tbl, settings.max_batch_size)
+        info = model or load_model_for(settings)
+        tbl = table or profile_table(settings, info)
+        engine = make_engine(settings, info, tbl)
+        await engine.start()
         metrics = Metrics()
         metrics.watch(engine)
-        engine.start()
         app.state.metrics = metrics
-        app.state.serving = CompletionServing(engine, model, tbl, metrics, settings.max_model_len)
-        log.info("serving %s with profiles: %s", model.name, ", ".join(tbl.names))
+        app.state.serving = CompletionServing(engine, info, tbl.specs, metrics, settings.max_model_len)
+        log.info("serving %s on the %s engine with profiles: %s", info.name, engine.name, ", ".join(tbl.names))
         try:
             yield
         finally:
-            engine.shutdown()
+            await engine.shutdown()
 
     app = FastAPI(title="obliviate", lifespan=lifespan)
     app.state.settings = settings

@@ -19,7 +19,10 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--engine", choices=["builtin", "vllm"], help="builtin (default) or vllm")
+    p.add_argument("--max-batch-size", type=int, help="most sequences decoded together (default 32)")
+    p.add_argument("--tensor-parallel-size", type=int, help="vllm engine: GPUs per model replica")
+    p.add_argument("--data-parallel-size", type=int, help="vllm engine: model replicas")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--cache-dir", type=Path, help="where the embedded model is prepared once")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
@@ -42,23 +45,24 @@ def settings_from(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ablation.hooks import ProfileTable
-    from ablation.profiles import ProfileError, load_profiles
-    from ablation.saes import SAELoadError
-    from server.app import build_app
-    from server.models import ModelLoadError, load_model
+    from ablation.sae_io import SAELoadError
+    from ablation.spec import ProfileError, load_profiles
+    from server.app import build_app, load_model_for, profile_table
+    from server.models import ModelLoadError
 
     settings = settings_from(args)
     if settings.max_batch_size < 1 or settings.max_model_len < 2:
         raise CLIError("--max-batch-size must be ≥ 1 and --max-model-len ≥ 2")
+    if settings.engine == "builtin" and (settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1):
+        raise CLIError("--tensor-parallel-size and --data-parallel-size need --engine vllm")
     try:
-        profiles = load_profiles(settings.profiles, settings.model)  # fail fast, before the model
-        lm = load_model(settings.model, settings.cache_dir, settings.device, settings.dtype)
-        table = ProfileTable(profiles, lm.device, lm.dtype)
-        table.check_model(lm.n_layers, lm.model.config.hidden_size)
+        # fail fast, before serving: profiles first, they need no model
+        load_profiles(settings.profiles, settings.model)
+        model = load_model_for(settings)
+        table = profile_table(settings, model)
     except (ProfileError, SAELoadError, ModelLoadError, ValueError) as e:
         raise CLIError(str(e)) from None
-    app = build_app(settings, lm, table)
+    app = build_app(settings, model, table)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
@@ -78,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    from ablation.cli import add_features, add_sae
+    from ablation.offline.cli import add_features, add_sae
+    from evals.bench import add_bench
     from evals.cli import add_eval
 
-    return [add_sae, add_features, add_eval]
+    return [add_sae, add_features, add_eval, add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

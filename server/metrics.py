@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from server.engine.base import Engine
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
@@ -21,11 +23,13 @@ class Metrics:
         self.e2e = Histogram("obliviate_e2e_request_latency_seconds", "End-to-end request latency",
                              ["profile"], buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("obliviate_requests_running", "Sequences in the running batch", registry=r)
-        self.waiting = Gauge("obliviate_requests_waiting", "Sequences waiting for a batch", registry=r)
-        self.batch_size = Histogram("obliviate_batch_size", "Sequences per engine batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.waiting = Gauge("obliviate_requests_waiting", "Sequences waiting to join the batch", registry=r)
+        self.steps = Gauge("obliviate_engine_steps", "Engine steps since start", registry=r)
+        self.prefix_hits = Gauge("obliviate_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                 registry=r)
 
-    def watch(self, engine) -> None:
-        self.running.set_function(lambda: engine.running)
-        self.waiting.set_function(lambda: len(engine.waiting))
-        engine.on_batch = self.batch_size.observe
+    def watch(self, engine: Engine) -> None:
+        self.running.set_function(lambda: engine.stats().running)
+        self.waiting.set_function(lambda: engine.stats().waiting)
+        self.steps.set_function(lambda: engine.stats().steps)
+        self.prefix_hits.set_function(lambda: engine.stats().prefix_cache_hits)

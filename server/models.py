@@ -22,21 +22,34 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass
-class LoadedModel:
+class ModelInfo:
+    """What the HTTP layer needs to know of a model: its names, tokenizer and sizes."""
+
     name: str  # the name clients use
     hf_name: str  # the official name (TransformerLens knows architectures by it)
-    model: torch.nn.Module  # a transformers *ForCausalLM
+    path: str  # what from_pretrained loads (a local folder for the embedded model)
     tokenizer: object
-    device: torch.device
-    dtype: torch.dtype
+    config: object  # the transformers config
+    eos_ids: frozenset[int] = frozenset()  # tokens that end a completion (tokenizer + generation config)
 
     @property
     def n_layers(self) -> int:
-        return self.model.config.num_hidden_layers
+        return self.config.num_hidden_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
     @property
     def max_len(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 8192))
+        return int(getattr(self.config, "max_position_embeddings", 8192))
+
+
+@dataclass
+class LoadedModel(ModelInfo):
+    model: torch.nn.Module = None  # a transformers *ForCausalLM
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
 
 
 def default_cache_dir() -> Path:
@@ -97,27 +110,52 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+def load_info(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> ModelInfo:
+    """The tokenizer and config only (an engine that loads the weights itself, such as vLLM)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path, hf_name = resolve(name, cache_dir or default_cache_dir())
+    try:
+        tok, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    return ModelInfo(name, hf_name, path, tok, config, _eos_ids(path, tok, config))
+
+
+def _eos_ids(path: str, tok, config) -> frozenset[int]:
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        gen = None
+    ids = set()
+    for v in (tok.eos_token_id, getattr(config, "eos_token_id", None), gen):
+        ids.update(v if isinstance(v, list) else [v] if v is not None else [])
+    return frozenset(ids)
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     cache_dir: Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
 ) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    path, hf_name = resolve(name, cache_dir or default_cache_dir())
+    info = load_info(name, cache_dir)
     t0 = time.perf_counter()
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dt, attn_implementation="sdpa")
     except OSError as e:
         raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
     model.to(dev).eval()
     model.requires_grad_(False)
     log.info("loaded %s on %s/%s in %.1f s", name, dev, dt, time.perf_counter() - t0)
-    return LoadedModel(name=name, hf_name=hf_name, model=model, tokenizer=tok, device=dev, dtype=dt)
+    return LoadedModel(name, info.hf_name, info.path, info.tokenizer, model.config, info.eos_ids, model=model,
+                       device=dev, dtype=dt)
 
 
 def hooked_transformer(lm: LoadedModel):

@@ -47,8 +47,11 @@ async def list_profiles(s: Serving) -> ProfileList:
 
 
 @ops.get("/health")
-async def health(s: Serving) -> dict:
-    return {"status": "ok", "model": s.lm.name, "profiles": s.table.names}
+async def health(s: Serving) -> JSONResponse:
+    ok = s.engine.health()
+    body = {"status": "ok" if ok else "unavailable", "engine": s.engine.name, "model": s.model.name,
+            "profiles": list(s.specs)}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @ops.get("/metrics")

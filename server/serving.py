@@ -1,18 +1,22 @@
-"""Turns a completion request into engine sequences and the engine's events into a response."""
+"""Turns a completion request into an engine call and the engine's outputs into a response.
+
+Engine-independent: everything here talks to the engine through server.engine.base.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, field
 
-from ablation.hooks import ProfileTable
-from server.engine import Engine, SamplingParams, Sequence, TokenInfo
+from ablation.spec import ProfileSpec
+from server.engine.base import ChoiceOutput, Engine, EngineError, Prompt, SamplingParams, TokenLogprob
 from server.errors import EngineFailure, InvalidRequest, ObliviateError, UnknownModel, UnknownProfile
 from server.metrics import Metrics
-from server.models import LoadedModel
+from server.models import ModelInfo
 from server.protocol import (
     CompletionChoice, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse, Logprobs,
     ModelCard, ModelList, ProfileCard, ProfileList, Usage,
@@ -20,38 +24,38 @@ from server.protocol import (
 
 
 class CompletionServing:
-    def __init__(self, engine: Engine, lm: LoadedModel, table: ProfileTable, metrics: Metrics,
+    def __init__(self, engine: Engine, model: ModelInfo, profiles: dict[str, ProfileSpec], metrics: Metrics,
                  max_model_len: int):
-        self.engine, self.lm, self.table, self.metrics = engine, lm, table, metrics
-        self.tok = lm.tokenizer
-        self.max_model_len = min(max_model_len, lm.max_len)
-        self._prefix_ids = {n: self._tokens(s.prefix) for n, s in table.specs.items()}
+        self.engine, self.model, self.specs, self.metrics = engine, model, profiles, metrics
+        self.tok = model.tokenizer
+        self.max_model_len = min(max_model_len, model.max_len)
+        self._prefix_ids = {n: self._tokens(s.prefix) for n, s in profiles.items()}
 
     # ---- listing -----------------------------------------------------------------------------
     def models(self) -> ModelList:
-        cards = [ModelCard(id=self.lm.name, root=self.lm.hf_name, max_model_len=self.max_model_len)]
-        for p in self.table.names:
-            for alias in (f"{self.lm.name}:{p}", p):
-                cards.append(ModelCard(id=alias, root=self.lm.name, profile=p, max_model_len=self.max_model_len))
+        cards = [ModelCard(id=self.model.name, root=self.model.hf_name, max_model_len=self.max_model_len)]
+        for p in self.specs:
+            for alias in (f"{self.model.name}:{p}", p):
+                cards.append(ModelCard(id=alias, root=self.model.name, profile=p, max_model_len=self.max_model_len))
         return ModelList(data=cards)
 
     def profiles(self) -> ProfileList:
         return ProfileList(data=[
             ProfileCard(name=n, description=s.description, model=s.model, prefix=s.prefix,
                         interventions=[iv.model_dump() for iv in s.interventions], version=s.metadata.version)
-            for n, s in self.table.specs.items()])
+            for n, s in self.specs.items()])
 
-    # ---- request -> sequences ----------------------------------------------------------------
+    # ---- request -> engine call --------------------------------------------------------------
     def resolve_profile(self, req: CompletionRequest) -> str:
         """The profile comes from the `profile` field or the model name (`name:profile` or `profile`)."""
-        names, model = self.table.names, req.model or self.lm.name
-        served = {self.lm.name, self.lm.hf_name}
+        model = req.model or self.model.name
+        served = {self.model.name, self.model.hf_name}
         from_model = None
         if model not in served:
             base, _, suffix = model.rpartition(":")
             if base in served and suffix:
                 from_model = suffix
-            elif model in names:
+            elif model in self.specs:
                 from_model = model
             else:
                 raise UnknownModel(model, [c.id for c in self.models().data])
@@ -59,8 +63,8 @@ class CompletionServing:
             raise InvalidRequest(f"model {model!r} selects profile {from_model!r} but the request's "
                                  f"profile field says {req.profile!r}", param="profile")
         name = req.profile or from_model or "baseline"
-        if name not in self.table.index:
-            raise UnknownProfile(name, names)
+        if name not in self.specs:
+            raise UnknownProfile(name, list(self.specs))
         return name
 
     def _tokens(self, text: str) -> list[int]:
@@ -81,10 +85,10 @@ class CompletionServing:
                               stop=req.stop_list(), seed=req.seed, logprobs=req.logprobs,
                               prompt_logprobs=req.echo and req.logprobs is not None)
 
-    def build(self, req: CompletionRequest, profile: str) -> list[tuple[list[int], list[int]]]:
-        """-> (context ids, prompt ids) per prompt, checked against the vocabulary and context."""
+    def build(self, req: CompletionRequest, profile: str) -> list[Prompt]:
+        """The request's prompts as token ids, checked against the vocabulary and the context length."""
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        vocab = self.lm.model.config.vocab_size
+        vocab = self.model.vocab_size
         out = []
         for i, p in enumerate(req.prompts()):
             if isinstance(p, str):
@@ -101,92 +105,90 @@ class CompletionServing:
                     f"requested {total} tokens ({len(ctx) + len(ids)} in the prompt, {req.max_tokens} for "
                     f"the completion). Please reduce the prompt or max_tokens.",
                     param="prompt", code="context_length_exceeded")
-            out.append((ctx, ids))
+            out.append(Prompt(ctx, ids))
         if not out:
             raise InvalidRequest("prompt must not be empty", param="prompt")
         return out
 
-    # ---- run ---------------------------------------------------------------------------------
     async def create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         profile = self.resolve_profile(req)
         try:
             params = self.sampling_params(req)
-            prompts = self.build(req, profile)
+            prompts = await asyncio.to_thread(self.build, req, profile)  # tokenizing: off the event loop
         except ObliviateError:
             self.metrics.requests.labels(profile, "400").inc()
             raise
         run = _Run(self, req, profile, params, prompts)
-        if req.stream:
-            return run.stream()
-        return await run.collect()
+        return run.stream() if req.stream else await run.collect()
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
 
 
 class _Run:
-    """One request in flight: its sequences, the queue their events arrive on, its metrics."""
+    """One request in flight: the engine's outputs, assembled into a response or a stream."""
 
-    def __init__(self, serving: CompletionServing, req, profile, params, prompts):
-        self.s, self.req, self.profile = serving, req, profile
+    def __init__(self, serving: CompletionServing, req: CompletionRequest, profile: str, params: SamplingParams,
+                 prompts: list[Prompt]):
+        self.s, self.req, self.profile, self.params, self.prompts = serving, req, profile, params, prompts
+        self.id = f"cmpl-{uuid.uuid4().hex}"
         self.t0 = time.perf_counter()
         self.first_token_at: float | None = None
-        self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        emit = lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev)  # noqa: E731
-        idx = serving.table.index[profile]
-        self.seqs: list[Sequence] = []
-        for ctx, ids in prompts:
-            for j in range(req.n):
-                p = params if params.seed is None else replace(params, seed=params.seed + j)
-                self.seqs.append(Sequence(ctx, ids, idx, p, emit))
-        self.prompt_tokens = sum(len(s.input_ids) for s in self.seqs)
+        self.prompt_tokens = sum(len(p.input_ids) for p in prompts) * req.n
+        self.generated: dict[int, int] = {}
 
-    async def events(self) -> AsyncIterator[dict]:
-        self.s.engine.submit(self.seqs)
-        done = 0
+    async def outputs(self) -> AsyncIterator[ChoiceOutput]:
         try:
-            while done < len(self.seqs):
-                ev = await self.queue.get()
-                if ev["type"] == "error":
-                    raise EngineFailure(f"generation failed: {ev['error']}")
-                if ev["type"] == "token" and self.first_token_at is None:
+            async for out in self.s.engine.generate(self.id, self.prompts, self.params, self.profile, self.req.n):
+                if out.tokens and self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                     self.s.metrics.ttft.labels(self.profile).observe(self.first_token_at - self.t0)
-                done += ev["type"] == "done"
-                yield ev
-        finally:
-            self.s.engine.cancel([q for q in self.seqs if q.finish_reason is None])
+                self.generated[out.index] = out.num_generated_tokens
+                yield out
+        except EngineError as e:
+            raise EngineFailure(str(e)) from None
 
     def finish(self, status: str) -> Usage:
         m = self.s.metrics
-        gen = sum(len(q.out) for q in self.seqs)
+        gen = sum(self.generated.values())
         m.requests.labels(self.profile, status).inc()
         m.prompt_tokens.labels(self.profile).inc(self.prompt_tokens)
         m.generation_tokens.labels(self.profile).inc(gen)
         m.e2e.labels(self.profile).observe(time.perf_counter() - self.t0)
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=gen, total_tokens=self.prompt_tokens + gen)
 
-    def _prompt_text(self, q: Sequence) -> str:
-        p = self.req.prompts()[self.seqs.index(q) // self.req.n]
-        return p if isinstance(p, str) else self.s.tok.decode(q.prompt_ids)
+    def _prompt_text(self, index: int) -> str:
+        p = self.req.prompts()[index // self.req.n]
+        return p if isinstance(p, str) else self.s.tok.decode(self.prompts[index // self.req.n].prompt_ids)
 
     async def collect(self) -> CompletionResponse:
+        got = [_Choice() for _ in range(len(self.prompts) * self.req.n)]
         try:
-            async for _ in self.events():
-                pass
+            async for out in self.outputs():
+                c = got[out.index]
+                c.text += out.text
+                c.tokens += out.tokens
+                c.prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else c.prompt_logprobs
+                c.finish_reason = out.finish_reason or c.finish_reason
         except ObliviateError:
             self.finish("500")
             raise
         choices = []
-        for i, q in enumerate(self.seqs):
-            echo = self._prompt_text(q) if self.req.echo else ""
-            infos = (q.prompt_info or []) + q.out if self.req.echo else q.out
+        for i, c in enumerate(got):
+            echo = self._prompt_text(i) if self.req.echo else ""
+            infos = (c.prompt_logprobs or []) + c.tokens if self.req.echo else c.tokens
             lp = self.logprobs(infos, 0) if self.req.logprobs is not None else None
-            choices.append(CompletionChoice(index=i, text=echo + q.text.text, logprobs=lp,
-                                            finish_reason=q.finish_reason))
+            choices.append(CompletionChoice(index=i, text=echo + c.text, logprobs=lp, finish_reason=c.finish_reason))
         usage = self.finish("200")
-        return CompletionResponse(model=self.req.model or self.s.lm.name, choices=choices, usage=usage,
+        return CompletionResponse(id=self.id, model=self.req.model or self.s.model.name, choices=choices, usage=usage,
                                   profile=self.profile)
 
-    def logprobs(self, infos: list[TokenInfo], offset: int) -> Logprobs:
+    def logprobs(self, infos: list[TokenLogprob], offset: int) -> Logprobs:
         dec = lambda t: self.s.tok.decode([t])  # noqa: E731
         out = Logprobs(top_logprobs=[] if self.req.logprobs else None)
         for info in infos:
@@ -199,28 +201,24 @@ class _Run:
         return out
 
     async def stream(self) -> AsyncIterator[str]:
-        base = dict(id=f"cmpl-{id(self):x}{int(self.t0 * 1e6):x}", model=self.req.model or self.s.lm.name,
-                    profile=self.profile)
+        base = dict(id=self.id, model=self.req.model or self.s.model.name, profile=self.profile)
         chunk = lambda **c: "data: " + CompletionResponse(  # noqa: E731
             choices=[CompletionChoice(**c)], **base).model_dump_json(exclude_none=True) + "\n\n"
-        offsets = [0] * len(self.seqs)
+        offsets = [0] * (len(self.prompts) * self.req.n)
         try:
             if self.req.echo:
-                for i, q in enumerate(self.seqs):
-                    text = self._prompt_text(q)
+                for i in range(len(offsets)):
+                    text = self._prompt_text(i)
                     offsets[i] = len(text)
                     yield chunk(index=i, text=text)
-            async for ev in self.events():
-                q = ev["seq"]
-                i = self.seqs.index(q)
-                if ev["type"] == "token" and (ev["text"] or ev["info"] is not None):
-                    lp = None
-                    if self.req.logprobs is not None and ev["info"] is not None:
-                        lp = self.logprobs([ev["info"]], offsets[i])
-                    offsets[i] += len(ev["text"])
-                    yield chunk(index=i, text=ev["text"], logprobs=lp)
-                elif ev["type"] == "done":
-                    yield chunk(index=i, text="", finish_reason=q.finish_reason)
+            async for out in self.outputs():
+                i = out.index
+                if out.text or out.tokens:
+                    lp = self.logprobs(out.tokens, offsets[i]) if self.req.logprobs is not None else None
+                    offsets[i] += len(out.text)
+                    yield chunk(index=i, text=out.text, logprobs=lp)
+                if out.finish_reason:
+                    yield chunk(index=i, text="", finish_reason=out.finish_reason)
             usage = self.finish("200")
             if self.req.stream_options and self.req.stream_options.include_usage:
                 yield "data: " + json.dumps({**base, "object": "text_completion", "choices": [],

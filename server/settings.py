@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ablation.profiles import default_profiles_dir
+from ablation.spec import default_profiles_dir
 from server.models import DEFAULT_MODEL, default_cache_dir
 
 
@@ -19,7 +20,10 @@ class Settings(BaseSettings):
     port: int = 8000
     device: str | None = None
     dtype: str | None = None
-    max_batch_size: int = 8
+    engine: Literal["builtin", "vllm"] = "builtin"
+    max_batch_size: int = 32
+    tensor_parallel_size: int = 1  # vllm engine only
+    data_parallel_size: int = 1  # vllm engine only
     max_model_len: int = 2048
     cache_dir: Path = default_cache_dir()
     api_key: str | None = None

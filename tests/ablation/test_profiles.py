@@ -2,7 +2,7 @@
 
 import pytest
 
-from ablation.profiles import ProfileError, default_profiles_dir, load_profile, load_profiles
+from ablation.spec import ProfileError, default_profiles_dir, load_profile, load_profiles
 
 
 def write(tmp_path, name, text):

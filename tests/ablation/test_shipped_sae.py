@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ablation.card import activation_stats, ce_numbers
-from ablation.saes import load_sae
-from ablation.train import heldout_acts
+from ablation.offline.card import activation_stats, ce_numbers
+from ablation.sae_io import load_sae
+from ablation.offline.train import heldout_acts
 from evals.common import load_jsonl
 
 SAES = sorted(p for p in (Path(__file__).parents[2] / "ablation" / "saes").glob("*") if (p / "cfg.json").exists())

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from ablation.saes import load_sae
-from ablation.train import TrainConfig, run, train_sae
+from ablation.sae_io import load_sae
+from ablation.offline.train import TrainConfig, run, train_sae
 
 
 @pytest.fixture(scope="module")

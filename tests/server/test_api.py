@@ -1,4 +1,5 @@
-"""The HTTP API through the official openai client and raw httpx, on a real loopback server."""
+"""The HTTP API through the official openai client and raw httpx, on real loopback servers: the
+built-in engine and the vLLM engine."""
 
 import json
 
@@ -8,8 +9,8 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+def client(api_server):
+    return openai.OpenAI(base_url=api_server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def complete(client, **kw):
@@ -93,55 +94,55 @@ def test_stop_strings_cut_the_text(client):
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
 
-def test_models_and_profiles_listing(client, server):
+def test_models_and_profiles_listing(client, api_server):
     ids = {m.id for m in client.models.list().data}
     assert {"gemma-3-270m", "gemma-3-270m:baseline", "t_clamp", "prompted"} <= ids
-    profiles = httpx.get(server.url + "/v1/profiles").json()["data"]
+    profiles = httpx.get(api_server.url + "/v1/profiles").json()["data"]
     clamp = next(p for p in profiles if p["name"] == "t_clamp")
     assert clamp["interventions"][0]["condition"] == "token"
     hp = next(p for p in profiles if p["name"] == "hp_unlearn")  # the default model's, not gemma-2b's
     assert hp["model"] == "gemma-3-270m" and hp["interventions"][0]["hookpoint"] == "blocks.6.hook_resid_post"
 
 
-def error_of(server, body, status, raw=None):
-    r = httpx.post(server.url + "/v1/completions", content=raw, json=None if raw else body,
+def error_of(api_server, body, status, raw=None):
+    r = httpx.post(api_server.url + "/v1/completions", content=raw, json=None if raw else body,
                    headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     return r.json()["error"]
 
 
-def test_unknown_profile_lists_the_known_ones(server):
-    e = error_of(server, {"prompt": "x", "profile": "nope"}, 400)
+def test_unknown_profile_lists_the_known_ones(api_server):
+    e = error_of(api_server, {"prompt": "x", "profile": "nope"}, 400)
     assert e["param"] == "profile" and "nope" in e["message"] and "t_clamp" in e["message"]
 
 
-def test_unknown_model_is_404(server):
-    e = error_of(server, {"prompt": "x", "model": "gpt-4"}, 404)
+def test_unknown_model_is_404(api_server):
+    e = error_of(api_server, {"prompt": "x", "model": "gpt-4"}, 404)
     assert e["code"] == "model_not_found" and "gemma-3-270m" in e["message"]
 
 
-def test_conflicting_profile_and_model_name(server):
-    e = error_of(server, {"prompt": "x", "model": "t_clamp", "profile": "baseline"}, 400)
+def test_conflicting_profile_and_model_name(api_server):
+    e = error_of(api_server, {"prompt": "x", "model": "t_clamp", "profile": "baseline"}, 400)
     assert "t_clamp" in e["message"] and "baseline" in e["message"]
 
 
-def test_prompt_longer_than_context(server):
-    e = error_of(server, {"prompt": "word " * 600, "max_tokens": 4}, 400)
+def test_prompt_longer_than_context(api_server):
+    e = error_of(api_server, {"prompt": "word " * 600, "max_tokens": 4}, 400)
     assert e["code"] == "context_length_exceeded" and "512" in e["message"]
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 3), ("max_tokens", -1), ("top_p", 0), ("n", 99),
                                          ("logprobs", 50), ("seed", -4)])
-def test_out_of_range_numbers(server, field, value):
-    e = error_of(server, {"prompt": "x", field: value}, 400)
+def test_out_of_range_numbers(api_server, field, value):
+    e = error_of(api_server, {"prompt": "x", field: value}, 400)
     assert e["param"] == field and field in e["message"]
 
 
-def test_malformed_json_and_missing_prompt_and_bad_tokens(server):
-    assert "malformed JSON" in error_of(server, None, 400, raw=b'{"prompt": "x",')["message"]
-    assert error_of(server, {"max_tokens": 3}, 400)["param"] == "prompt"
-    assert "token ids" in error_of(server, {"prompt": [1, 2, 10**9]}, 400)["message"]
-    assert "not supported" in error_of(server, {"prompt": "x", "logit_bias": {"1": 2}}, 400)["message"]
+def test_malformed_json_and_missing_prompt_and_bad_tokens(api_server):
+    assert "malformed JSON" in error_of(api_server, None, 400, raw=b'{"prompt": "x",')["message"]
+    assert error_of(api_server, {"max_tokens": 3}, 400)["param"] == "prompt"
+    assert "token ids" in error_of(api_server, {"prompt": [1, 2, 10**9]}, 400)["message"]
+    assert "not supported" in error_of(api_server, {"prompt": "x", "logit_bias": {"1": 2}}, 400)["message"]
 
 
 def test_openai_client_raises_with_the_message(client):
@@ -149,26 +150,26 @@ def test_openai_client_raises_with_the_message(client):
         complete(client, prompt="x", extra_body={"profile": "nope"})
 
 
-def test_a_bad_request_does_not_disturb_its_neighbours(server, client):
+def test_a_bad_request_does_not_disturb_its_neighbours(api_server, client):
     import concurrent.futures as cf
 
     with cf.ThreadPoolExecutor(4) as pool:
         good = [pool.submit(complete, client, prompt="The capital of France is") for _ in range(3)]
-        bad = pool.submit(error_of, server, {"prompt": "x", "profile": "nope"}, 400)
+        bad = pool.submit(error_of, api_server, {"prompt": "x", "profile": "nope"}, 400)
         texts = {f.result().choices[0].text for f in good}
     assert len(texts) == 1 and texts.pop().strip() and bad.result()["param"] == "profile"
 
 
-def test_stream_error_chunk_then_done(server):
-    with httpx.stream("POST", server.url + "/v1/completions",
+def test_stream_error_chunk_then_done(api_server):
+    with httpx.stream("POST", api_server.url + "/v1/completions",
                       json={"prompt": "x", "stream": True, "max_tokens": 2, "profile": "nope"}) as r:
         assert r.status_code == 400  # validation happens before the stream starts
 
 
-def test_metrics_count_requests_by_profile(server, client):
-    before = httpx.get(server.url + "/metrics").text
+def test_metrics_count_requests_by_profile(api_server, client):
+    before = httpx.get(api_server.url + "/metrics").text
     complete(client, prompt="One", extra_body={"profile": "t_keep_error"})
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(api_server.url + "/metrics").text
 
     def value(t, line):
         return float(next((ln.split()[-1] for ln in t.splitlines() if ln.startswith(line)), 0))
@@ -176,12 +177,12 @@ def test_metrics_count_requests_by_profile(server, client):
     assert value(text, key) == value(before, key) + 1
     assert value(text, 'obliviate_generation_tokens_total{profile="t_keep_error"}') >= 8
     assert 'obliviate_time_to_first_token_seconds_count{profile="t_keep_error"}' in text
-    assert "obliviate_requests_running" in text and "obliviate_batch_size_bucket" in text
+    assert "obliviate_requests_running" in text and "obliviate_engine_steps" in text
 
 
-def test_health(server):
-    body = httpx.get(server.url + "/health").json()
-    assert body["status"] == "ok" and body["model"] == "gemma-3-270m"
+def test_health(api_server):
+    body = httpx.get(api_server.url + "/health").json()
+    assert body["status"] == "ok" and body["model"] == "gemma-3-270m" and body["engine"] in ("builtin", "vllm")
     assert json.dumps(body)
 
 

@@ -1,11 +1,14 @@
-"""The engine on the real model: per-profile logits against TransformerLens run_with_hooks,
-KV-cached decoding against full recomputation, and mixed-batch isolation."""
+"""The built-in engine on the real model, through its interface (generate / abort / stats): per-profile
+logprobs against TransformerLens run_with_hooks, KV-cached decoding against full recomputation,
+mixed-profile rows joining a running batch, isolation of a failing row, continuous batching."""
+
+import asyncio
 
 import pytest
 import torch
 
-from ablation.hooks import ablated
-from server.engine import Engine, SamplingParams, Sequence
+from server.engine.base import EngineError, Prompt, SamplingParams
+from tests.helpers import ablated
 
 PROMPTS = [
     "Harry Potter studies at",
@@ -19,90 +22,151 @@ ATOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def engine(lm, table):
-    e = Engine(lm, table, max_batch_size=8)
-    yield e
-    e.shutdown()
+def engine(server):
+    """The live server's engine (one engine per model: its hooks are installed once)."""
+    return server.app.state.serving.engine
 
 
-def seqs_for(engine, prompts, profile, max_tokens=0, **params):
-    tok = engine.tok
-    return [Sequence([tok.bos_token_id], tok(p, add_special_tokens=False).input_ids,
-                     engine.table.index[profile], SamplingParams(max_tokens=max_tokens, temperature=0, **params),
-                     emit=lambda ev: None) for p in prompts]
+def prompt(engine, text: str) -> Prompt:
+    return Prompt([engine.tok.bos_token_id], engine.tok(text, add_special_tokens=False).input_ids)
 
 
-@torch.inference_mode()
-def engine_last_logits(engine, seqs):
-    engine.state.begin([s.profile for s in seqs], engine.lm.device)
-    try:
-        hidden, *_ = engine.prefill(seqs)
-        return engine.logits(hidden)
-    finally:
-        engine.state.end()
+async def collect(engine, text, profile, request_id=None, **params):
+    """-> (token ids, prompt logprobs, token logprobs) of one greedy choice."""
+    params = SamplingParams(**{"max_tokens": 0, "temperature": 0, **params})
+    tokens, prompt_lp, finish = [], None, None
+    async for out in engine.generate(request_id or f"t-{id(params)}-{text}", [prompt(engine, text)], params, profile):
+        tokens += out.tokens
+        prompt_lp = out.prompt_logprobs or prompt_lp
+        finish = out.finish_reason or finish
+    assert finish in ("stop", "length")
+    return [t.token_id for t in tokens], prompt_lp, tokens
 
 
-def run(engine, seqs):
-    for s in seqs:
-        s.text = None
-    engine.submit(seqs)  # sets text streams and generators
-    engine.waiting.clear()
-    engine.generate(seqs)
-    return [[t.token_id for t in s.out] for s in seqs]
+def run(engine, text, profile, **params):
+    return asyncio.run(collect(engine, text, profile, **params))
+
+
+def prompt_logprobs(engine, text, profile):
+    """[L, 1 + 20]: each prompt token's logprob and its top-20 alternatives' (the engine's view)."""
+    _, lp, _ = run(engine, text, profile, logprobs=20, prompt_logprobs=True)
+    return lp
+
+
+def test_interface_rejects_nothing_it_should_serve_and_reports_stats(engine):
+    assert engine.health() and engine.name == "builtin"
+    toks, _, _ = run(engine, PROMPTS[1], "baseline", max_tokens=3)
+    assert len(toks) == 3
+    s = engine.stats()
+    assert s.running == 0 and s.waiting == 0 and s.steps > 0
 
 
 @pytest.mark.parametrize("profile", MODES)
-def test_next_token_logits_match_transformer_lens(engine, tl, table, profile):
-    for prompt in PROMPTS:
-        ours = engine_last_logits(engine, seqs_for(engine, [prompt], profile))[0]
-        ids = torch.tensor([[engine.tok.bos_token_id] + engine.tok(prompt, add_special_tokens=False).input_ids])
-        with torch.inference_mode(), ablated(tl, table.specs[profile], table):
-            ref = tl(ids)[0, -1]
-        diff = (ours - ref).abs().max().item()
-        print(f"{profile:18s} max|Δlogit| = {diff:.2e}")
+def test_logprobs_match_transformer_lens(engine, tl, table, profile):
+    for text in PROMPTS:
+        ours = prompt_logprobs(engine, text, profile)
+        ids = [engine.tok.bos_token_id] + engine.tok(text, add_special_tokens=False).input_ids
+        with torch.inference_mode(), ablated(tl, profile, table):
+            ref = torch.log_softmax(tl(torch.tensor([ids]))[0].float(), -1)  # [L, V]
+        diff = 0.0
+        for pos, info in enumerate(ours, start=1):  # info: the token at `pos`, predicted at pos - 1
+            diff = max(diff, abs(info.logprob - ref[pos - 1, info.token_id].item()))
+            for t, v in info.top.items():
+                diff = max(diff, abs(v - ref[pos - 1, t].item()))
+            assert max(info.top, key=info.top.get) == int(ref[pos - 1].argmax())
+        print(f"{profile:18s} max|Δlogprob| = {diff:.2e}")
         assert diff < ATOL
-        assert ours.argmax() == ref.argmax()
 
 
-def test_interventions_do_change_logits(engine):
-    base = engine_last_logits(engine, seqs_for(engine, PROMPTS, "baseline"))
+def test_interventions_do_change_logprobs(engine):
+    base = prompt_logprobs(engine, PROMPTS[0], "baseline")
     for profile in ["t_sae_only", "t_zero", "t_keep_error", "t_clamp"]:
-        other = engine_last_logits(engine, seqs_for(engine, PROMPTS, profile))
-        assert (other - base).abs().max() > 0.1, profile
+        other = prompt_logprobs(engine, PROMPTS[0], profile)
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(base, other)) > 0.1, profile
 
 
 @pytest.mark.parametrize("profile", ["t_identity", "t_dead_keep_error", "t_dead_clamp"])
-def test_perfect_sae_and_never_firing_ablations_leave_logits_unchanged(engine, profile):
-    base = engine_last_logits(engine, seqs_for(engine, PROMPTS, "baseline"))
-    other = engine_last_logits(engine, seqs_for(engine, PROMPTS, profile))
-    torch.testing.assert_close(other, base, rtol=0, atol=1e-4)
+def test_perfect_sae_and_never_firing_ablations_leave_logprobs_unchanged(engine, profile):
+    for text in PROMPTS:
+        base = prompt_logprobs(engine, text, "baseline")
+        other = prompt_logprobs(engine, text, profile)
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(base, other)) < 1e-4
 
 
 @pytest.mark.parametrize("profile", ["baseline", "t_keep_error", "t_sequence", "t_zero"])
 def test_cached_decoding_matches_full_recomputation(engine, tl, table, profile):
-    out = run(engine, seqs_for(engine, PROMPTS[:1], profile, max_tokens=6))[0]
-    prompt = [engine.tok.bos_token_id] + engine.tok(PROMPTS[0], add_special_tokens=False).input_ids
-    ids = torch.tensor([prompt + out])
-    with torch.inference_mode(), ablated(tl, table.specs[profile], table):
-        ref = tl(ids)[0, len(prompt) - 1:-1].argmax(-1).tolist()
+    out, _, _ = run(engine, PROMPTS[0], profile, max_tokens=6)
+    ids = [engine.tok.bos_token_id] + engine.tok(PROMPTS[0], add_special_tokens=False).input_ids
+    with torch.inference_mode(), ablated(tl, profile, table):
+        ref = tl(torch.tensor([ids + out]))[0, len(ids) - 1:-1].argmax(-1).tolist()
     assert out == ref
 
 
-def test_mixed_batch_rows_equal_running_alone(engine):
+def test_mixed_profile_rows_joining_a_running_batch_equal_running_alone(engine):
     profiles = ["baseline", "t_sae_only", "t_clamp", "t_sequence", "prompted", "t_keep_error"]
-    prompts = PROMPTS + ["Hermione Granger", "Two plus two equals"]
-    alone = {}
-    for p in profiles:
-        for i, prompt in enumerate(prompts):
-            alone[p, i] = run(engine, seqs_for(engine, [prompt], p, max_tokens=8, stop=()))[0]
-    mixed = []
-    for j, p in enumerate(profiles):  # every profile, prompts of different lengths, one batch
-        i = j % len(prompts)
-        mixed += [(p, i, seqs_for(engine, [prompts[i]], p, max_tokens=8 - (j % 3))[0])]
-    got = run(engine, [s for *_, s in mixed])
-    for (p, i, s), toks in zip(mixed, got):
-        assert toks == alone[p, i][: s.params.max_tokens], (p, i)
+    texts = PROMPTS + ["Hermione Granger", "Two plus two equals"]
+    jobs = [(p, texts[j % len(texts)], 8 - (j % 3)) for j, p in enumerate(profiles * 2)]
+    alone = {(p, t, n): run(engine, t, p, max_tokens=n)[0] for p, t, n in jobs}
+
+    async def staggered():
+        async def one(j, p, t, n):
+            await asyncio.sleep(0.15 * j)  # later ones join a batch already decoding
+            return (await collect(engine, t, p, request_id=f"mix-{j}", max_tokens=n))[0]
+        return await asyncio.gather(*(one(j, *job) for j, job in enumerate(jobs)))
+
+    got = asyncio.run(staggered())
+    for job, toks in zip(jobs, got):
+        assert toks == alone[job], job
     assert len({tuple(t) for t in got}) > 3  # the profiles really differ
+
+
+def test_short_request_finishes_while_a_long_one_runs(engine):
+    """Continuous batching: a 4-token request sent while a 200-token one decodes does not wait for it."""
+    async def scenario():
+        long_tokens = 0
+        short_done_at = None
+        started = asyncio.Event()
+
+        async def long():
+            nonlocal long_tokens
+            params = SamplingParams(max_tokens=200, temperature=1.0, seed=3)  # sampling: no early EOS loop
+            async for out in engine.generate("long", [prompt(engine, "Once upon a time")], params, "baseline"):
+                long_tokens = out.num_generated_tokens
+                if long_tokens >= 2:
+                    started.set()
+
+        async def short():
+            nonlocal short_done_at
+            await started.wait()
+            toks, _, _ = await collect(engine, PROMPTS[1], "t_sequence", request_id="short", max_tokens=4)
+            short_done_at = long_tokens
+            return toks
+
+        _, toks = await asyncio.gather(long(), short())
+        return toks, short_done_at, long_tokens
+
+    toks, at, total = asyncio.run(scenario())
+    assert len(toks) == 4 and at is not None
+    assert at < 100, f"the short request finished only when the long one had {at} tokens"
+    print(f"short request done when the long one had {at} of {total} tokens")
+
+
+def test_leaving_early_aborts_and_frees_the_row(engine):
+    async def scenario():
+        gen = engine.generate("abandon", [prompt(engine, PROMPTS[0])], SamplingParams(max_tokens=150, temperature=1.0,
+                                                                                       seed=1), "t_sae_only")
+        async for out in gen:
+            if out.num_generated_tokens >= 2:
+                break
+        await gen.aclose()
+        for _ in range(100):
+            if engine.stats().running == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert asyncio.run(scenario())
+    assert run(engine, PROMPTS[1], "baseline", max_tokens=2)[0]  # and the engine goes on serving
 
 
 class Broken:
@@ -114,15 +178,15 @@ class Broken:
 
 
 def test_a_failing_row_does_not_fail_its_batch_mates(engine, monkeypatch):
-    entry = next(e for e in engine.table.by_hook["blocks.6.hook_resid_post"]
+    entry = next(e for entries in engine.table.by_hook.values() for e in entries
                  if e.profile == engine.table.index["t_zero"])
     monkeypatch.setattr(entry, "sae", Broken())
-    events = {}
-    good, bad = seqs_for(engine, PROMPTS[:1], "baseline", 4) + seqs_for(engine, PROMPTS[:1], "t_zero", 4)
-    for name, s in (("good", good), ("bad", bad)):
-        s.emit = lambda ev, name=name: events.setdefault(name, []).append(ev["type"])
-    engine.submit([good, bad])
-    engine.waiting.clear()
-    engine.run_isolated([good, bad])
-    assert events["good"][-1] == "done" and len(good.out) == 4
-    assert events["bad"] == ["error"]
+
+    async def both():
+        return await asyncio.gather(collect(engine, PROMPTS[0], "baseline", request_id="good", max_tokens=4),
+                                    collect(engine, PROMPTS[0], "t_zero", request_id="bad", max_tokens=4),
+                                    return_exceptions=True)
+
+    good, bad = asyncio.run(both())
+    assert len(good[0]) == 4
+    assert isinstance(bad, EngineError) and "broken SAE" in str(bad)

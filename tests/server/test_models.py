@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM
 
-from ablation.profiles import load_profiles
-from ablation.saes import SAELoadError, load_sae
+from ablation.spec import load_profiles
+from ablation.sae_io import SAELoadError, load_sae
 from server.models import ModelLoadError, load_model, resolve
 from server.settings import Settings
 from server.live import LiveServer

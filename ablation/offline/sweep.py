@@ -2,11 +2,11 @@
 (k features x clamp value x mode x firing threshold), serve them all, and score each on the *dev*
 prompts over HTTP.
 
-    python -m ablation.sweep [--sae DIR] [--method dsg|firing|ceiling] [--ks 1,2,3,5] [--scales 0.5,1,2]
+    python -m ablation.offline.sweep [--sae DIR] [--method dsg|firing|ceiling] [--ks 1,2,3,5] [--scales 0.5,1,2]
                              [--modes clamp,clamp_seq,...] [--thresholds 0,0.5] [--out runs/sweep]
 
 The shipped profile came from
-    python -m ablation.sweep --method ceiling --ks 2,3,5,8 --scales 1,2 --modes clamp_seq --out runs/sweep
+    python -m ablation.offline.sweep --method ceiling --ks 2,3,5,8 --scales 1,2 --modes clamp_seq --out runs/sweep
 
 Prints and writes a table: HP / generic / nearby correct on the dev split and CE on held-out text.
 """
@@ -18,8 +18,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from ablation import corpus
-from ablation.discover import feature_acts, profile_yaml, rank, read_texts, retain_sets
+from ablation.offline import corpus
+from ablation.offline.discover import feature_acts, profile_yaml, rank, read_texts, retain_sets
 
 DATA = Path(__file__).parent / "data"
 MODES = {  # name -> (keep_error, condition, scale multiplier; 0 = zero-ablation)
@@ -32,7 +32,7 @@ MODES = {  # name -> (keep_error, condition, scale multiplier; 0 = zero-ablation
 
 def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, method: str,
                modes: tuple[str, ...] = tuple(MODES), thresholds: tuple[float, ...] = (0.0,)) -> dict:
-    from ablation.saes import load_sae
+    from ablation.sae_io import load_sae
 
     sae = load_sae(sae_ref)
     hook = sae.cfg.metadata.hook_name
@@ -84,7 +84,7 @@ async def score(url: str, profiles: list[str], n_docs: int) -> dict:
 
 def main() -> None:
     from ablation.hooks import ProfileTable
-    from ablation.profiles import default_profiles_dir, load_profiles
+    from ablation.spec import default_profiles_dir, load_profiles
     from server.models import load_model
     from server.settings import Settings
     from server.live import LiveServer
@@ -108,8 +108,8 @@ def main() -> None:
     if unknown := [m for m in modes if m not in MODES]:
         ap.error(f"unknown --modes {','.join(unknown)}: use {','.join(MODES)}")
     if not args.sae:
-        from ablation.cli import _default_sae
-        args.sae = _default_sae()
+        from ablation.sae_io import shipped_sae
+        args.sae = shipped_sae()
     lm = load_model("gemma-3-270m", device="cpu")
     meta = candidates(lm, args.sae, ks, scales, args.out, args.method, modes, thresholds)
     dirs = [default_profiles_dir(), args.out]

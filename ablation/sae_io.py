@@ -12,6 +12,18 @@ class SAELoadError(ValueError):
     pass
 
 
+def shipped_saes_dir() -> Path:
+    return Path(__file__).parent / "saes"
+
+
+def shipped_sae() -> str:
+    """The one SAE shipped for the default model (a directory)."""
+    found = sorted(p for p in shipped_saes_dir().glob("*") if (p / "cfg.json").exists())
+    if len(found) != 1:
+        raise SAELoadError(f"give an SAE (found {len(found)} shipped SAEs in {shipped_saes_dir()})")
+    return str(found[0])
+
+
 def load_sae(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SAE:
     """`ref` is a directory (cfg.json + sae_weights.safetensors) or `release:sae_id`.
 

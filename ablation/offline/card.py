@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ablation.edit import EditTensors, apply_edits, encode
+from ablation.residual import Hookpoint, pad_right, residual_hooks
 
 
 @torch.inference_mode()
@@ -24,37 +25,21 @@ def activation_stats(sae, acts: torch.Tensor, batch: int = 8192) -> dict:
             "dead_fraction": 1 - fired.float().mean().item(), "eval_tokens": acts.shape[0]}
 
 
-def _splice(lm, layer: int, fn):
-    """fn(x [B, S, d]) -> x' applied to layer `layer`'s output (position 0, BOS, left alone)."""
-    def hook(_m, _a, out):
-        x = out[0] if isinstance(out, tuple) else out
-        y = torch.cat([x[:, :1], fn(x[:, 1:])], dim=1)
-        return (y,) + out[1:] if isinstance(out, tuple) else y
-    return lm.model.model.layers[layer].register_forward_hook(hook)
-
-
 @torch.inference_mode()
 def cross_entropy(lm, token_rows: list[list[int]], layer: int | None = None, fn=None, batch: int = 8) -> float:
-    """Mean next-token CE over rows (each BOS + text), optionally with `fn` spliced in at `layer`."""
-    handle = _splice(lm, layer, fn) if fn is not None else None
+    """Mean next-token CE over rows (each BOS + text), optionally with fn(x [B, S, d]) -> x' applied
+    to layer `layer`'s output (position 0, BOS, left alone)."""
+    splice = {} if fn is None else {Hookpoint(layer, "post"): lambda x, _kw: torch.cat([x[:, :1], fn(x[:, 1:])], 1)}
     total, count = 0.0, 0
-    try:
+    with residual_hooks(lm.model, splice):
         for i in range(0, len(token_rows), batch):
-            rows = token_rows[i:i + batch]
-            S = max(map(len, rows))
-            ids = torch.zeros(len(rows), S, dtype=torch.long)
-            mask = torch.zeros(len(rows), S, dtype=torch.long)
-            for j, r in enumerate(rows):
-                ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r), 1
+            ids, mask = pad_right(token_rows[i:i + batch])
             ids, mask = ids.to(lm.device), mask.to(lm.device)
             logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             m = mask[:, 1:].bool()
             total += nll[m].sum().item()
             count += m.sum().item()
-    finally:
-        if handle:
-            handle.remove()
     return total / count
 
 

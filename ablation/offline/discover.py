@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ablation.activations import residual_batches
 from ablation.edit import encode
-from ablation.profiles import HOOKPOINT_RE
+from ablation.offline.activations import residual_batches
+from ablation.residual import Hookpoint
 
 
 @dataclass
@@ -46,16 +46,16 @@ def read_texts(path: Path) -> list[str]:
 
 def retain_sets(sets: list[list[str]], n_wiki: int) -> list[list[str]]:
     """The given retain sets, plus one of n_wiki Wikipedia summaries from the SAE's training split."""
-    from ablation import corpus
+    from ablation.offline import corpus
 
     return sets + ([[t for _, t in corpus.wiki_summaries("train")[:n_wiki]]] if n_wiki else [])
 
 
 def layer_of(hookpoint: str) -> int:
-    m = HOOKPOINT_RE.match(hookpoint or "")
-    if not m or m.group(2) != "post":
+    hp = Hookpoint.parse(hookpoint)
+    if hp.kind != "post":
         raise ValueError(f"discovery reads blocks.<L>.hook_resid_post; got hookpoint {hookpoint!r}")
-    return int(m.group(1))
+    return hp.layer
 
 
 def feature_acts(lm, sae, texts: list[str], layer: int, max_len: int = 128) -> FeatureActs:

@@ -7,14 +7,13 @@ with one SAE. See `ablation/profiles/*.yaml` for the shipped ones.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-HOOKPOINT_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+from ablation.residual import Hookpoint
 
 
 class ProfileError(ValueError):
@@ -53,15 +52,8 @@ class Intervention(_Strict):
     @field_validator("hookpoint")
     @classmethod
     def _known_hookpoint(cls, v: str) -> str:
-        if not HOOKPOINT_RE.match(v):
-            raise ValueError(
-                f"hookpoint {v!r} is not supported; use blocks.<L>.hook_resid_pre or blocks.<L>.hook_resid_post"
-            )
+        Hookpoint.parse(v)  # raises ValueError with the supported forms
         return v
-
-    @property
-    def layer(self) -> int:
-        return int(HOOKPOINT_RE.match(self.hookpoint).group(1))
 
 
 class ProfileMetadata(_Strict):
@@ -85,9 +77,6 @@ class ProfileSpec(_Strict):
         if len(points) != len(set(points)):
             raise ValueError("at most one intervention per hookpoint")
         return v
-
-    def summary(self) -> dict:
-        return self.model_dump(exclude_none=True)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:

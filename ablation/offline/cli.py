@@ -31,7 +31,8 @@ def add_sae(sub) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--ship-layer", type=int, help="ship this layer instead of the rule's pick")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", type=Path, default=Path(__file__).parent / "saes")
+    t.add_argument("--out", type=Path, default=Path("saes"),
+                   help="where the SAE folder is written (default ./saes; the shipped one is ablation/saes)")
     t.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "obliviate" / "sae-train")
     t.set_defaults(func=cmd_sae_train)
 
@@ -39,8 +40,8 @@ def add_sae(sub) -> None:
 def cmd_sae_train(args) -> int:
     import json
 
-    from ablation.corpus import CorpusError
-    from ablation.train import TrainConfig, run
+    from ablation.offline.corpus import CorpusError
+    from ablation.offline.train import TrainConfig, run
 
     cfg = TrainConfig(layers=args.layers, width=args.width, k=args.k, generic_tokens=args.generic_tokens,
                       hp_repeat=args.hp_repeat, samples_per_prompt=args.samples_per_prompt, epochs=args.epochs,
@@ -58,7 +59,6 @@ def cmd_sae_train(args) -> int:
     return 0
 
 
-SHIPPED_SAES = Path(__file__).parent / "saes"
 DATA = Path(__file__).parent / "data"
 
 
@@ -98,20 +98,13 @@ def add_features(sub) -> None:
         q.set_defaults(func=cmd_features_discover)
 
 
-def _default_sae() -> str:
-    found = sorted(p for p in SHIPPED_SAES.glob("*") if (p / "cfg.json").exists())
-    if len(found) != 1:
-        raise CLIError(f"give --sae (found {len(found)} shipped SAEs in {SHIPPED_SAES})")
-    return str(found[0])
-
-
 def _setup(args):
-    from ablation.discover import layer_of
-    from ablation.saes import SAELoadError, load_sae
+    from ablation.offline.discover import layer_of
+    from ablation.sae_io import SAELoadError, load_sae, shipped_sae
     from server.models import ModelLoadError, load_model
 
-    ref = args.sae or _default_sae()
     try:
+        ref = args.sae or shipped_sae()
         sae = load_sae(ref)
         hookpoint = args.hookpoint or sae.cfg.metadata.hook_name
         layer = layer_of(hookpoint)
@@ -122,7 +115,7 @@ def _setup(args):
 
 
 def _texts(paths, default: list[Path]) -> list[str]:
-    from ablation.discover import read_texts
+    from ablation.offline.discover import read_texts
 
     out = []
     for p in paths or default:
@@ -135,8 +128,8 @@ def _texts(paths, default: list[Path]) -> list[str]:
 def cmd_features_discover(args) -> int:
     import json
 
-    from ablation import corpus
-    from ablation.discover import feature_acts, profile_yaml, rank, retain_sets, top_contexts
+    from ablation.offline import corpus
+    from ablation.offline.discover import feature_acts, profile_yaml, rank, retain_sets, top_contexts
 
     if args.fires_above < 0 or args.k < 1:
         raise CLIError("need --fires-above ≥ 0 and --k ≥ 1")
@@ -173,7 +166,7 @@ def cmd_features_discover(args) -> int:
 
 
 def cmd_features_show(args) -> int:
-    from ablation.discover import feature_acts, top_contexts
+    from ablation.offline.discover import feature_acts, top_contexts
 
     lm, sae, ref, hookpoint, layer = _setup(args)
     bad = [i for i in args.ids if not 0 <= i < sae.cfg.d_sae]

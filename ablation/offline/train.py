@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ablation import corpus
-from ablation.activations import residual_batches
+from ablation.offline import corpus
+from ablation.offline.activations import residual_batches
 
 log = logging.getLogger("obliviate.train")
 
@@ -145,14 +145,14 @@ def heldout_acts(lm, rows: list[list[int]], layers: list[int]) -> dict[int, torc
     return {L: torch.cat(v) for L, v in out.items()}
 
 
-def _save(sae, path: Path, card: dict, lm, layer: int, rows) -> dict:
-    """Saves fp16 when the card's numbers survive the round trip, else fp32."""
-    from ablation.card import activation_stats, ce_numbers
-    from ablation.saes import load_sae
+def _save(sae, path: Path, card: dict, lm, layer: int, rows, acts: torch.Tensor) -> dict:
+    """Saves fp16 when the card's numbers survive the round trip, else fp32. acts: the held-out
+    activations the card was measured on."""
+    from ablation.offline.card import activation_stats, ce_numbers
+    from ablation.sae_io import load_sae
 
     sae.to(torch.float16).save_model(path)
     back = load_sae(str(path))
-    acts = card.pop("_heldout_acts")
     again = {**activation_stats(back, acts), **ce_numbers(lm, back, layer, rows, card)}
     drift = max(abs(again[k] - card[k]) for k in ("explained_variance", "ce_loss_recovered"))
     card["storage_dtype"] = "float16"
@@ -165,7 +165,7 @@ def _save(sae, path: Path, card: dict, lm, layer: int, rows) -> dict:
 
 def train_or_reuse(path: Path, load_acts, layer: int, cfg: TrainConfig, model_name: str):
     """Trains a candidate once (saved under `path`); a rerun reuses it. -> (inference SAE, train seconds)."""
-    from ablation.saes import load_sae
+    from ablation.sae_io import load_sae
 
     if not (path / "cfg.json").exists():
         t0 = time.perf_counter()
@@ -187,7 +187,7 @@ def pick_layer(cards: list[dict], ship_layer: int | None = None) -> dict:
 
 
 def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | None = None) -> dict:
-    from ablation.card import activation_stats, card_markdown, ce_numbers
+    from ablation.offline.card import activation_stats, card_markdown, ce_numbers
     from server.models import load_model
 
     t0 = time.perf_counter()
@@ -199,27 +199,22 @@ def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | N
     times["collect_s"] = time.perf_counter() - t0 - times["mix_s"]
     rows = heldout_rows(lm.tokenizer, cfg.eval_docs, cfg.ctx_len)
     held_acts = heldout_acts(lm, rows, cfg.layers)
-    cards = {}
+    cards, saes = {}, {}
     for layer in cfg.layers:
-        sae, train_s = train_or_reuse(work / "candidates" / f"L{layer}", lambda: load_shards(work, layer), layer, cfg,
-                                      lm.hf_name)
-        held = held_acts[layer]
+        saes[layer], train_s = train_or_reuse(work / "candidates" / f"L{layer}", lambda: load_shards(work, layer),
+                                              layer, cfg, lm.hf_name)
         cards[layer] = {"layer": layer, "hook_point": f"blocks.{layer}.hook_resid_post", "train_s": train_s,
-                        **activation_stats(sae, held), **ce_numbers(lm, sae, layer, rows), "_heldout_acts": held,
-                        "_sae": sae}
-        log.info("layer %d: %s", layer, {k: v for k, v in cards[layer].items() if not k.startswith("_")})
+                        **activation_stats(saes[layer], held_acts[layer]), **ce_numbers(lm, saes[layer], layer, rows)}
+        log.info("layer %d: %s", layer, cards[layer])
     best = pick_layer(list(cards.values()), ship_layer)
-    path = out / f"{Path(model).name}-res-L{best['layer']}"
-    sae = best.pop("_sae")
+    layer = best["layer"]
+    path = out / f"{Path(model).name}-res-L{layer}"
     card = {"model": lm.hf_name, "served_name": model, "architecture": "topk", "width": cfg.width, "k": cfg.k,
             "tokens_seen": int(mix["generic_tokens"] + mix["topic_tokens"] * cfg.hp_repeat) * cfg.epochs,
             "text_mix": {k: v for k, v in mix.items() if k != "chunks"}, "config": asdict(cfg),
-            **best, "compared": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cards.values()],
+            **best, "compared": list(cards.values()),
             "timings_s": {**times, "total_s": time.perf_counter() - t0}, "machine": _machine()}
-    card = _save(sae, path, card, lm, best["layer"], rows)
-    for c in cards.values():
-        c.pop("_heldout_acts", None)
-        c.pop("_sae", None)
+    card = _save(saes[layer], path, card, lm, layer, rows, held_acts[layer])
     (path / "card.json").write_text(json.dumps(card, indent=2))
     (path / "card.md").write_text(card_markdown(card))
     return card

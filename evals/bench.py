@@ -1,0 +1,248 @@
+"""`obliviate bench`: serving speed over HTTP, as users get it, with ratios measured in one run.
+
+For each engine it starts `obliviate serve` in a subprocess (or uses --server URL), then runs a fixed
+workload (the prompts below, greedy, --tokens new tokens each) at each concurrency for each profile
+(`mix` cycles through the others request by request). In the same run, with no server running, it
+times plain HF `generate` at batch --hf-batch on the same prompts: the reference the ratios use.
+It also sends a 4-token request while a 200-token one runs and records how far the long one got.
+Writes bench.json, bench.md and bench.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "The history of the Roman Empire", "Harry Potter walked into the Great Hall and",
+    "Photosynthesis is the process by which", "In 1969 the first people to land on the Moon",
+    "The recipe calls for two cups of flour,", "Hermione opened the book about",
+    "The stock market fell sharply after", "A good night's sleep helps",
+    "The largest ocean on Earth is", "Quidditch is played with",
+    "Volcanoes form when", "The first computers were built",
+    "My favourite way to spend a Sunday is", "The headmaster of Hogwarts",
+    "Bees make honey by", "The theory of relativity says",
+]
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="serving speed over HTTP: engines x concurrency x profiles, with ratios")
+    p.add_argument("--server", help="benchmark a running server instead of starting one")
+    p.add_argument("--model", default="gemma-3-270m", help="the model name requests carry")
+    p.add_argument("--engines", default="builtin", help="comma-separated: builtin, vllm, vllm-plain "
+                   "(vLLM's own OpenAI server, no hooks)")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--profiles", default="baseline,hp_unlearn,sae_only,mix")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=2, help="requests per client (at least 4 in all)")
+    p.add_argument("--hf-batch", type=int, default=8, help="plain HF generate at this batch (0: skip)")
+    p.add_argument("--serve-args", default="", help="extra arguments for `obliviate serve`")
+    p.add_argument("--out", type=Path, default=Path("reports/bench"))
+    p.set_defaults(func=cmd_bench)
+
+
+def _csv(s: str, kind=str) -> list:
+    try:
+        return [kind(x) for x in s.split(",") if x]
+    except ValueError:
+        from server.errors import CLIError
+        raise CLIError(f"expected a comma-separated list of {kind.__name__}, got {s!r}") from None
+
+
+def cmd_bench(args) -> int:
+    from server.errors import CLIError
+
+    engines, levels, profiles = _csv(args.engines), _csv(args.concurrency, int), _csv(args.profiles)
+    if bad := [e for e in engines if e not in ("builtin", "vllm", "vllm-plain")]:
+        raise CLIError(f"unknown engine {bad[0]!r}: use builtin, vllm or vllm-plain")
+    if not levels or min(levels) < 1 or args.tokens < 1 or args.requests < 1:
+        raise CLIError("--concurrency, --tokens and --requests must be ≥ 1")
+    results = {"config": {k: str(v) for k, v in vars(args).items() if k != "func"}, "runs": [], "machine": _machine()}
+    for engine in ([args.server] if args.server else engines):
+        with (nullcontext(args.server) if args.server else _server(engine, args)) as srv:
+            url = srv if args.server else srv.url
+            name = "server" if args.server else engine
+            plist = ["baseline"] if engine == "vllm-plain" else profiles
+            results["runs"] += asyncio.run(_workload(url, name, levels, plist, args))
+            if name == "builtin" or args.server:
+                results["short_during_long"] = asyncio.run(_short_during_long(url, args.model))
+    if args.hf_batch:
+        results["hf_generate"] = _hf_generate(args.model, args.hf_batch, args.tokens)
+    results["ratios"] = ratios(results)
+    _write(results, args.out)
+    return 0
+
+
+def _server(engine: str, args):
+    """A started server for `engine` (`obliviate serve`, or vLLM's own OpenAI server for vllm-plain)."""
+    from server.live import ServerProcess
+    from server.models import default_cache_dir, prepare_embedded
+
+    if engine == "vllm-plain":
+        path = prepare_embedded(default_cache_dir())
+        return ServerProcess("--model", str(path), "--served-model-name", args.model, "--enforce-eager",
+                             "--max-model-len", "2048", "--disable-log-stats",
+                             cmd=[sys.executable, "-m", "vllm.entrypoints.openai.api_server"])
+    return ServerProcess("--engine", engine, *args.serve_args.split())
+
+
+async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: str, tokens: int) -> tuple[float, int]:
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+    if profile != "baseline":
+        body["profile"] = profile
+    t0 = time.perf_counter()
+    r = await http.post("/v1/completions", json=body)
+    r.raise_for_status()
+    return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+
+
+async def _workload(url: str, engine: str, levels: list[int], profiles: list[str], args) -> list[dict]:
+    mix = [p for p in profiles if p != "mix"] or ["baseline"]
+    out = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        await asyncio.gather(*(_complete(http, args.model, p, "baseline", 4) for p in PROMPTS[:4]))  # warm-up
+        for c in levels:
+            n = max(4, c * args.requests)
+            for profile in profiles:
+                jobs = [(PROMPTS[i % len(PROMPTS)], mix[i % len(mix)] if profile == "mix" else profile)
+                        for i in range(n)]
+                queue = list(reversed(jobs))
+                lat, toks = [], 0
+
+                async def client():
+                    nonlocal toks
+                    while queue:
+                        prompt, prof = queue.pop()
+                        dt, k = await _complete(http, args.model, prompt, prof, args.tokens)
+                        lat.append(dt)
+                        toks += k
+
+                t0 = time.perf_counter()
+                await asyncio.gather(*(client() for _ in range(c)))
+                wall = time.perf_counter() - t0
+                row = {"engine": engine, "concurrency": c, "profile": profile, "requests": n, "tokens": toks,
+                       "seconds": round(wall, 2), "tok_s": round(toks / wall, 2),
+                       "p50_s": round(statistics.median(lat), 2), "p95_s": round(_pct(lat, 0.95), 2)}
+                print(json.dumps(row), file=sys.stderr)
+                out.append(row)
+    return out
+
+
+async def _short_during_long(url: str, model: str) -> dict:
+    """How many tokens a 200-token request had when a 4-token one sent after it finished."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        got = {"long": 0}
+        started = asyncio.Event()
+
+        async def long():
+            body = {"model": model, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 1.0,
+                    "seed": 3, "stream": True}
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                        got["long"] += 1
+                        if got["long"] >= 2:
+                            started.set()
+
+        async def short():
+            await started.wait()
+            await _complete(http, model, "The capital of France is", "baseline", 4)
+            return got["long"]
+
+        _, at = await asyncio.gather(long(), short())
+    return {"long_chunks_when_short_done": at, "long_chunks_total": got["long"]}
+
+
+def _hf_generate(model: str, batch: int, tokens: int) -> dict:
+    """Plain transformers generate on the same prompts, in this process (no server running)."""
+    import torch
+
+    from server.models import load_model
+
+    lm = load_model(model)
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    rounds = [PROMPTS[i:i + batch] for i in range(0, len(PROMPTS), batch)]
+    with torch.inference_mode():
+        enc = tok(rounds[0], return_tensors="pt", padding=True)
+        lm.model.generate(**enc, max_new_tokens=4, do_sample=False)  # warm-up
+        n, t0 = 0, time.perf_counter()
+        for prompts in rounds:
+            enc = tok(prompts, return_tensors="pt", padding=True)
+            out = lm.model.generate(**enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            new = out[:, enc.input_ids.shape[1]:]
+            n += int((new != tok.pad_token_id).sum())
+        wall = time.perf_counter() - t0
+    row = {"batch": batch, "tokens": n, "seconds": round(wall, 2), "tok_s": round(n / wall, 2)}
+    print(json.dumps({"hf_generate": row}), file=sys.stderr)
+    return row
+
+
+def ratios(results: dict) -> dict:
+    """Every ratio the issues ask for that this run can give."""
+    tps = {(r["engine"], r["concurrency"], r["profile"]): r["tok_s"] for r in results["runs"]}
+    out = {}
+    top = max((c for _, c, _ in tps), default=None)
+    hf = results.get("hf_generate", {}).get("tok_s")
+    for (engine, c, profile), v in tps.items():
+        base = tps.get((engine, c, "baseline"))
+        if profile != "baseline" and base:
+            out[f"{engine} c{c} {profile} / baseline"] = round(v / base, 3)
+        if hf and profile == "baseline" and c == top:
+            out[f"{engine} c{c} baseline / HF generate b{results['hf_generate']['batch']}"] = round(v / hf, 3)
+    for engine in ("vllm",):
+        for ref in ("builtin", "vllm-plain"):
+            for c in sorted({c for _, c, _ in tps}):
+                for profile in ("baseline", "mix", "sae_only", "hp_unlearn"):
+                    a, b = tps.get((engine, c, profile)), tps.get((ref, c, "baseline"))
+                    if a and b and (ref == "vllm-plain" or profile == "baseline"):
+                        out[f"{engine} c{c} {profile} / {ref} c{c} baseline"] = round(a / b, 3)
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _machine() -> str:
+    import platform
+
+    import torch
+
+    return f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"
+
+
+def _write(results: dict, out: Path) -> None:
+    from evals.charts import grouped_bars
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    lines = [f"# obliviate bench ({results['machine']})", "",
+             "| engine | concurrency | profile | requests | tokens | tok/s | p50 s | p95 s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['engine']} | {r['concurrency']} | {r['profile']} | {r['requests']} | {r['tokens']} | "
+              f"{r['tok_s']} | {r['p50_s']} | {r['p95_s']} |" for r in results["runs"]]
+    if hf := results.get("hf_generate"):
+        lines += ["", f"Plain HF generate, batch {hf['batch']}: {hf['tok_s']} tok/s ({hf['tokens']} tokens)."]
+    if sl := results.get("short_during_long"):
+        lines += ["", f"A 4-token request sent while a 200-token one streamed finished when the long one had "
+                      f"{sl['long_chunks_when_short_done']} of {sl['long_chunks_total']} chunks."]
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in results["ratios"].items()]
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    groups = sorted({f"{r['engine']} c{r['concurrency']}" for r in results["runs"]},
+                    key=lambda g: (g.split()[0], int(g.split()[1][1:])))
+    profiles = list(dict.fromkeys(r["profile"] for r in results["runs"]))
+    tps = {(f"{r['engine']} c{r['concurrency']}", r["profile"]): r["tok_s"] for r in results["runs"]}
+    grouped_bars(out / "bench.png", "tokens/s over HTTP", groups,
+                 {p: [tps.get((g, p)) for g in groups] for p in profiles}, "tok/s")
+    print("\n".join(lines))

