@@ -45,6 +45,8 @@ def add_bench(sub) -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--requests", type=int, default=2, help="requests per client (at least 4 in all)")
     p.add_argument("--hf-batch", type=int, default=8, help="plain HF generate at this batch (0: skip)")
+    p.add_argument("--dtype", help="model dtype for every engine and HF generate (default: float32 on CPU, "
+                   "bfloat16 on GPU, the server's own rule; vLLM's own server would take bf16 for this model)")
     p.add_argument("--serve-args", default="", help="extra arguments for `obliviate serve`")
     p.add_argument("--out", type=Path, default=Path("reports/bench"))
     p.set_defaults(func=cmd_bench)
@@ -66,7 +68,8 @@ def cmd_bench(args) -> int:
         raise CLIError(f"unknown engine {bad[0]!r}: use builtin, vllm or vllm-plain")
     if not levels or min(levels) < 1 or args.tokens < 1 or args.requests < 1:
         raise CLIError("--concurrency, --tokens and --requests must be ≥ 1")
-    results = {"config": {k: str(v) for k, v in vars(args).items() if k != "func"}, "runs": [], "machine": _machine()}
+    results = {"config": {k: str(v) for k, v in vars(args).items() if k != "func"}, "runs": [], "machine": _machine(),
+               "dtype": _dtype(args)}
     for engine in ([args.server] if args.server else engines):
         with (nullcontext(args.server) if args.server else _server(engine, args)) as srv:
             url = srv if args.server else srv.url
@@ -76,23 +79,30 @@ def cmd_bench(args) -> int:
             if name == "builtin" or args.server:
                 results["short_during_long"] = asyncio.run(_short_during_long(url, args.model))
     if args.hf_batch:
-        results["hf_generate"] = _hf_generate(args.model, args.hf_batch, args.tokens)
+        results["hf_generate"] = _hf_generate(args.model, args.hf_batch, args.tokens, _dtype(args))
     results["ratios"] = ratios(results)
     _write(results, args.out)
     return 0
 
 
+def _dtype(args) -> str:
+    from server.models import pick_device, pick_dtype
+    return args.dtype or str(pick_dtype(None, pick_device(None))).removeprefix("torch.")
+
+
 def _server(engine: str, args):
-    """A started server for `engine` (`obliviate serve`, or vLLM's own OpenAI server for vllm-plain)."""
+    """A started server for `engine` (`obliviate serve`, or vLLM's own OpenAI server for vllm-plain),
+    all in the same dtype."""
     from server.live import ServerProcess
     from server.models import default_cache_dir, prepare_embedded
 
     if engine == "vllm-plain":
         path = prepare_embedded(default_cache_dir())
         return ServerProcess("--model", str(path), "--served-model-name", args.model, "--enforce-eager",
-                             "--max-model-len", "2048", "--disable-log-stats",
-                             cmd=[sys.executable, "-m", "vllm.entrypoints.openai.api_server"])
-    return ServerProcess("--engine", engine, *args.serve_args.split())
+                             "--max-model-len", "2048", "--disable-log-stats", "--dtype", _dtype(args),
+                             cmd=[sys.executable, "-m", "vllm.entrypoints.openai.api_server"],
+                             env={"VLLM_CPU_KVCACHE_SPACE": "4"})  # GiB, as the vllm engine takes
+    return ServerProcess("--engine", engine, "--dtype", _dtype(args), *args.serve_args.split())
 
 
 async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: str, tokens: int) -> tuple[float, int]:
@@ -109,8 +119,11 @@ async def _workload(url: str, engine: str, levels: list[int], profiles: list[str
     mix = [p for p in profiles if p != "mix"] or ["baseline"]
     out = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        await asyncio.gather(*(_complete(http, args.model, p, "baseline", 4) for p in PROMPTS[:4]))  # warm-up
         for c in levels:
+            # warm-up at this batch size, every profile: the first steps at a new shape are slower (a GPU
+            # ran them 7x slower), which would count against whichever profile came first
+            await asyncio.gather(*(_complete(http, args.model, PROMPTS[i % len(PROMPTS)], mix[i % len(mix)], 4)
+                                   for i in range(max(c, len(mix)))))
             n = max(4, c * args.requests)
             for profile in profiles:
                 jobs = [(PROMPTS[i % len(PROMPTS)], mix[i % len(mix)] if profile == "mix" else profile)
@@ -162,13 +175,13 @@ async def _short_during_long(url: str, model: str) -> dict:
     return {"long_chunks_when_short_done": at, "long_chunks_total": got["long"]}
 
 
-def _hf_generate(model: str, batch: int, tokens: int) -> dict:
+def _hf_generate(model: str, batch: int, tokens: int, dtype: str) -> dict:
     """Plain transformers generate on the same prompts, in this process (no server running)."""
     import torch
 
     from server.models import load_model
 
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype)
     tok = lm.tokenizer
     tok.padding_side = "left"
     rounds = [PROMPTS[i:i + batch] for i in range(0, len(PROMPTS), batch)]

@@ -49,6 +49,7 @@ async def run_reports(args, profiles: list[str]) -> dict:
     client = AsyncClient(args.server, model=args.model, api_key=args.api_key, profile_via=args.profile_via,
                          concurrency=args.concurrency)
     try:
+        args.out.mkdir(parents=True, exist_ok=True)  # charts are written before the report files
         ctx = EvalContext(client, profiles, args.out, args.limit, args.split)
         ctx.server_info = await server_info(client, profiles)
         names = REPORTS if args.report == "all" else [args.report]

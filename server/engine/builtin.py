@@ -101,7 +101,8 @@ class BuiltinEngine(Engine):
         return self._thread is not None and self._thread.is_alive() and self._failure is None
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.batch), waiting=len(self._waiting), steps=self._steps)
+        running = sum(not (s.finished or s.aborted) for s in list(self.batch.seqs))  # finished rows leave at step end
+        return EngineStats(running=running, waiting=len(self._waiting), steps=self._steps)
 
     # ---- requests ----------------------------------------------------------------------------
     def _sequence(self, request_id, index, prompt, params, profile, outbox, loop) -> Sequence:

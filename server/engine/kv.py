@@ -83,7 +83,10 @@ class KVStep:
                rows: torch.Tensor | None = None) -> "KVStep":
         """pos: [B] the position each row writes; windows: the sliding windows in the model (None = full)."""
         pos = pos.to(cache.device)
-        j = torch.arange(int(pos.max()) + 1, device=cache.device)
+        # keys [0, L) with L rounded up to a multiple of 64 (masked beyond each row's position): a few
+        # attention shapes instead of one per length, as GPU attention kernels plan per shape
+        length = min(-(-(int(pos.max()) + 1) // 64) * 64, cache.capacity)
+        j = torch.arange(length, device=cache.device)
         seen = j[None, :] <= pos[:, None]  # [B, L]
         masks = {w: (seen if w is None else seen & (j[None, :] > pos[:, None] - w))[:, None, None, :]
                  for w in windows}

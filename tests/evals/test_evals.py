@@ -119,6 +119,15 @@ def test_eval_all_cli_writes_every_report(server, tmp_path):
     assert "| baseline |" in index and "| t_clamp |" in index
 
 
+def test_one_report_into_a_new_directory(server, tmp_path):
+    out = tmp_path / "new" / "dir"
+    r = subprocess.run([sys.executable, "-m", "server.cli", "eval", "familiarity", "--server", server.url,
+                        "--profiles", "baseline", "--limit", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "familiarity.png").stat().st_size > 1000 and (out / "familiarity.json").exists()
+
+
 def test_eval_cli_unknown_profile_is_one_line(server, tmp_path):
     r = subprocess.run([sys.executable, "-m", "server.cli", "eval", "loss", "--server", server.url, "--profiles",
                         "baseline,nope", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)

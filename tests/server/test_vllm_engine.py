@@ -77,6 +77,25 @@ def test_mixed_profile_batch_rows_equal_solo_rows(vllm_server):
         assert text == solo[job], job
 
 
+def test_sequence_state_survives_chunked_prefill(server, vllm_server):
+    """Ten ~350-token prompts at once exceed vLLM's per-step token budget (2048), so some are prefilled
+    in chunks over several steps: `hp_unlearn` (condition `sequence`) fires on the Harry Potter opening,
+    and the clamp must carry over to the later chunks and the generated tokens."""
+    filler = ("The weather stayed grey for most of the week, and the market in the square sold apples, "
+              "bread and cheese to anyone who came early enough. ")
+    prompts = [f"{i}. Harry Potter and Hermione Granger left Hogwarts for the summer. " + filler * 10
+               + "Then the headmaster of the school, Albus" for i in range(10)]
+    expected = [complete(server.url, p, "hp_unlearn", max_tokens=6)["text"] for p in prompts]
+
+    async def together():
+        async with httpx.AsyncClient(base_url=vllm_server.url, timeout=300) as http:
+            rs = await asyncio.gather(*(http.post("/v1/completions", json={
+                "prompt": p, "profile": "hp_unlearn", "max_tokens": 6, "temperature": 0}) for p in prompts))
+            return [r.json()["choices"][0]["text"] for r in rs]
+
+    assert asyncio.run(together()) == expected
+
+
 def test_prefix_cache_is_used_but_never_shared_between_profiles(server, vllm_server):
     story = ("Harry Potter lived in a cupboard under the stairs at number four, Privet Drive, until a letter "
              "arrived from a school of witchcraft. At the school he met Ron and Hermione. ")
