@@ -34,6 +34,12 @@ def test_streaming_yields_the_same_text(client):
     assert len(chunks) > 3
 
 
+def test_a_vanishing_temperature_is_greedy_not_an_overflow(client):
+    greedy = complete(client, prompt="The capital of France is", max_tokens=12)
+    tiny = complete(client, prompt="The capital of France is", max_tokens=12, temperature=1e-300)
+    assert tiny.choices[0].text == greedy.choices[0].text and tiny.usage.completion_tokens == 12
+
+
 def test_list_prompt_and_n(client):
     r = complete(client, prompt=["One, two, three,", "Monday, Tuesday,"], n=2, temperature=0.8, seed=1)
     assert len(r.choices) == 4 and [c.index for c in r.choices] == [0, 1, 2, 3]
