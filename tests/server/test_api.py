@@ -37,7 +37,8 @@ def test_streaming_yields_the_same_text(client):
 def test_a_vanishing_temperature_is_greedy_not_an_overflow(client):
     greedy = complete(client, prompt="The capital of France is", max_tokens=12)
     tiny = complete(client, prompt="The capital of France is", max_tokens=12, temperature=1e-300)
-    assert tiny.choices[0].text == greedy.choices[0].text and tiny.usage.completion_tokens == 12
+    assert tiny.choices[0].text == greedy.choices[0].text
+    assert tiny.usage.completion_tokens == greedy.usage.completion_tokens > 0
 
 
 def test_list_prompt_and_n(client):
