@@ -37,6 +37,7 @@ class VLLMEngine(Engine):
         self.kv_cache_gib = kv_cache_gib
         self.llm = None
         self._stats = _Stats()
+        self._live: dict[str, list[str]] = {}  # our request id -> its vLLM request ids
         self._stateful = {n for n, s in profiles.items() if any(iv.condition == "sequence" for iv in s.interventions)}
 
     async def start(self) -> None:
@@ -70,7 +71,7 @@ class VLLMEngine(Engine):
 
     async def abort(self, request_id: str) -> None:
         if self.llm is not None:
-            await self.llm.abort([r for r in self._stats.live.pop(request_id, [])])
+            await self.llm.abort(self._live.pop(request_id, []))
 
     async def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams, profile: str,
                        n: int = 1) -> AsyncIterator[ChoiceOutput]:
@@ -79,7 +80,7 @@ class VLLMEngine(Engine):
         queue: asyncio.Queue = asyncio.Queue()
         jobs = choices(prompts, params, n)
         ids = [f"{request_id}-{i}" for i, _, _ in jobs]
-        self._stats.live[request_id] = ids
+        self._live[request_id] = ids
         tasks = [asyncio.create_task(self._choice(rid, i, p, q, profile, queue)) for rid, (i, p, q) in zip(ids, jobs)]
         try:
             async for out in drain(queue, len(tasks)):
@@ -97,7 +98,9 @@ class VLLMEngine(Engine):
 
         salt = f"{profile}:{rid}" if profile in self._stateful else profile
         sp = VSamplingParams(
-            n=1, max_tokens=max(params.max_tokens, 1), temperature=params.temperature, top_p=params.top_p,
+            # greedy below GREEDY_BELOW as on the built-in engine: vLLM sampled at temperature 1e-300
+            n=1, max_tokens=max(params.max_tokens, 1), temperature=0.0 if params.greedy else params.temperature,
+            top_p=params.top_p,
             seed=params.seed, stop=list(params.stop) or None, logprobs=params.logprobs,
             prompt_logprobs=(params.logprobs or 0) if params.prompt_logprobs else None,
             output_kind=RequestOutputKind.DELTA, extra_args={PROFILE_KEY: profile})
@@ -144,7 +147,6 @@ class _Stats:
 
     def __init__(self):
         self.running = self.waiting = self.steps = self.hits = 0
-        self.live: dict[str, list[str]] = {}  # our request id -> its vLLM request ids
 
     def factory(self, vllm_config, engine_index: int = 0):
         from vllm.v1.metrics.loggers import StatLoggerBase
