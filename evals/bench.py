@@ -10,7 +10,6 @@ Writes bench.json, bench.md and bench.png under --out.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -86,8 +85,8 @@ def cmd_bench(args) -> int:
 
 
 def _dtype(args) -> str:
-    from server.models import pick_device, pick_dtype
-    return args.dtype or str(pick_dtype(None, pick_device(None))).removeprefix("torch.")
+    from server.models import dtype_name
+    return dtype_name(args.dtype)
 
 
 def _server(engine: str, args):

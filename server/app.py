@@ -16,7 +16,7 @@ from server.engine.base import Engine
 from server.engine.builtin import BuiltinEngine
 from server.errors import ObliviateError
 from server.metrics import Metrics
-from server.models import LoadedModel, ModelInfo, load_info, load_model, pick_device, pick_dtype
+from server.models import LoadedModel, ModelInfo, dtype_name, load_info, load_model
 from server.protocol import ErrorInfo, ErrorResponse
 from server.routes import api, ops
 from server.serving import CompletionServing
@@ -65,8 +65,7 @@ def make_engine(settings: Settings, model, table: ProfileTable) -> Engine:
     if settings.engine == "vllm":
         from server.engine.vllm import VLLMEngine
 
-        dtype = settings.dtype or str(pick_dtype(None, pick_device(settings.device))).removeprefix("torch.")
-        return VLLMEngine(model, table.specs, dtype=dtype, max_batch_size=settings.max_batch_size,
+        return VLLMEngine(model, table.specs, dtype=dtype_name(settings.dtype, settings.device), max_batch_size=settings.max_batch_size,
                           max_model_len=min(settings.max_model_len, model.max_len),
                           tensor_parallel_size=settings.tensor_parallel_size,
                           data_parallel_size=settings.data_parallel_size)

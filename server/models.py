@@ -110,6 +110,11 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+def dtype_name(dtype: str | None, device: str | None = None) -> str:
+    """The dtype to serve in, as a name ("float32", "bfloat16", ...): `dtype` or the device's default."""
+    return dtype or str(pick_dtype(None, pick_device(device))).removeprefix("torch.")
+
+
 def load_info(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> ModelInfo:
     """The tokenizer and config only (an engine that loads the weights itself, such as vLLM)."""
     from transformers import AutoConfig, AutoTokenizer

@@ -112,22 +112,21 @@ class VLLMEngine(Engine):
                 if c.finish_reason == "abort":
                     raise EngineError("vLLM aborted the request")
                 tokens = _tokens(c.token_ids, c.logprobs, params.logprobs)
-                if tokens and c.finish_reason == "stop" and tokens[-1].token_id in self.model.eos_ids:
+                text, finish = c.text, c.finish_reason
+                if tokens and finish == "stop" and tokens[-1].token_id in self.model.eos_ids:
                     tokens = tokens[:-1]  # as the built-in engine: the end-of-sequence token is not output
                 if params.max_tokens == 0:  # vLLM takes at least one token: drop it
-                    tokens, c.text, c.finish_reason = [], "", "length" if ro.finished else None
+                    tokens, text, finish = [], "", "length" if ro.finished else None
                 generated += len(tokens)
                 prompt_lp = None
                 if first and params.prompt_logprobs:
                     prompt_lp = _tokens(prompt.input_ids[n_ctx:], (ro.prompt_logprobs or [])[n_ctx:], params.logprobs)
                 first = False
-                if c.text or tokens or c.finish_reason or prompt_lp is not None:
-                    queue.put_nowait(ChoiceOutput(index, c.text, tokens, n_prompt, generated, c.finish_reason,
-                                                  prompt_lp))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
+                if text or tokens or finish or prompt_lp is not None:
+                    queue.put_nowait(ChoiceOutput(index, text, tokens, n_prompt, generated, finish, prompt_lp))
+        except Exception as e:  # cancellation (a BaseException) passes through
             queue.put_nowait(e)
+
 
 def _tokens(ids, logprobs, k: int | None) -> list[TokenLogprob]:
     """vLLM's token ids and per-position {token id: Logprob} -> TokenLogprobs with the top-k by rank."""

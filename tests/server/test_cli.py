@@ -54,3 +54,14 @@ def test_features_discover_bad_input_fails_before_the_model_loads(tmp_path):
     missing = tmp_path / "nope.txt"
     assert f"{missing}: file not found" in one_line_error(obliviate("features", "discover", "--retain", str(missing),
                                                                     "--generic-retain", "0"))
+
+
+def test_bench_bad_arguments_fail_before_any_server_starts():
+    assert "unknown engine 'nope'" in one_line_error(obliviate("bench", "--engines", "nope"))
+    assert "must be ≥ 1" in one_line_error(obliviate("bench", "--concurrency", "0"))
+    assert "comma-separated list of int" in one_line_error(obliviate("bench", "--concurrency", "eight"))
+
+
+def test_parallel_flags_need_the_vllm_engine():
+    assert "need --engine vllm" in one_line_error(obliviate("serve", "--tensor-parallel-size", "2"))
+    assert "invalid choice: 'tgi'" in one_line_error(obliviate("serve", "--engine", "tgi"))
