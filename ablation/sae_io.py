@@ -35,7 +35,12 @@ def load_sae(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) 
     if path.is_dir():
         if not (path / "cfg.json").exists():
             raise SAELoadError(f"{ref}: not an SAE directory (no cfg.json)")
-        sae = SAE.load_from_disk(path, device=device, dtype=dtype_name)
+        try:
+            sae = SAE.load_from_disk(path, device=device, dtype=dtype_name)
+        except Exception as e:  # missing or truncated weights, a damaged cfg.json: sae_lens raises many kinds
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise SAELoadError(f"cannot load the SAE in {ref}: {type(e).__name__}: {first} (copy it again, or "
+                               f"retrain it with `obliviate sae train`)") from e
     elif ":" in ref and not path.is_absolute():
         release, sae_id = ref.split(":", 1)
         try:

@@ -87,6 +87,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ProfileError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise ProfileError(f"{path}: cannot read a profile file ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
         raise ProfileError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -94,6 +96,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     include = data.pop("include", None)
     if include is None:
         return data
+    if not isinstance(include, str) or not include.strip():
+        raise ProfileError(f"{path}: include must be the name of a sibling profile file, not {include!r}")
+    if not (path.parent / include).is_file():
+        raise ProfileError(f"{path}: include {include!r}: no such profile file next to it")
     base = _read_yaml((path.parent / include).resolve(), seen + (path,))
     base.pop("name", None)
     return {**base, **data}

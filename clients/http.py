@@ -1,6 +1,7 @@
 """A small typed client for obliviate (or any OpenAI-compatible completions server), sync and async.
 
-Retries with exponential backoff on 429, 5xx and connection errors; raises `APIError` carrying the
+Retries on 429, 5xx and connection errors (after the server's Retry-After, else with exponential
+backoff); raises `APIError` carrying the
 server's OpenAI-style error message. The profile travels as the `profile` field, or, for servers
 that only understand model names, as `model="<model>:<profile>"` (`profile_via="model"`).
 """
@@ -74,6 +75,16 @@ class _Base:
         self.raise_for(r)
         return r
 
+    def delay(self, r: httpx.Response | None, attempt: int) -> float:
+        """Seconds before retry `attempt + 1`: the server's Retry-After (seconds) if it sent one, as the
+        openai client does, else the exponential backoff; at most 60."""
+        wait = self.backoff * 2**attempt
+        try:
+            wait = float(r.headers["retry-after"]) if r is not None and "retry-after" in r.headers else wait
+        except ValueError:  # an HTTP date: keep the backoff
+            pass
+        return min(wait, 60.0)
+
     @staticmethod
     def prompt_logprobs(resp: CompletionResponse) -> list[TokenLogprobs]:
         out = []
@@ -98,7 +109,7 @@ class Client(_Base):
                 r, exc = None, e
             if (done := self._settle(exc, r, attempt)) is not None:
                 return done
-            time.sleep(self.backoff * 2**attempt)
+            time.sleep(self.delay(r, attempt))
         raise AssertionError("unreachable")
 
     def complete(self, prompt, profile: str | None = None, **params) -> CompletionResponse:
@@ -145,7 +156,7 @@ class AsyncClient(_Base):
                     r, exc = None, e
                 if (done := self._settle(exc, r, attempt)) is not None:
                     return done
-                await asyncio.sleep(self.backoff * 2**attempt)
+                await asyncio.sleep(self.delay(r, attempt))
         raise AssertionError("unreachable")
 
     async def complete(self, prompt, profile: str | None = None, **params) -> CompletionResponse:

@@ -14,7 +14,9 @@ from ablation.hooks import ProfileTable
 from ablation.spec import load_profiles
 from server.engine.base import Engine
 from server.engine.builtin import BuiltinEngine
-from server.errors import ObliviateError
+from server.errors import InvalidRequest, ObliviateError
+from server.keys import Keyring
+from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.models import LoadedModel, ModelInfo, dtype_name, load_info, load_model
 from server.protocol import ErrorInfo, ErrorResponse
@@ -25,9 +27,23 @@ from server.settings import Settings
 log = logging.getLogger("obliviate.app")
 
 
-def error_response(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
+def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    message = message.encode("utf-8", "backslashreplace").decode()  # whatever text an exception carried
     body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def obliviate_error(request_app, e: ObliviateError) -> JSONResponse:
+    """The one place an ObliviateError becomes a response (and, if it refused a request, a count)."""
+    metrics = getattr(request_app.state, "metrics", None)
+    if e.rejection and metrics is not None:
+        metrics.rejected.labels(e.reason, str(e.status_code)).inc()
+    return error_response(e.status_code, e.message, e.type, e.param, e.code, e.headers or None)
+
+
+async def reject(scope, receive, send, e: ObliviateError) -> None:
+    """An ObliviateError answered outside the routes (the body-size middleware)."""
+    await obliviate_error(scope["app"], e)(scope, receive, send)
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -37,22 +53,24 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}", None
     param = loc[0] if loc else None
     where = ".".join(loc) or "body"
-    return f"{where}: {err['msg']}", param
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}", param
 
 
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ObliviateError)
-    async def _obliviate(_: Request, e: ObliviateError):
-        return error_response(e.status_code, e.message, e.type, e.param, e.code)
+    async def _obliviate(request: Request, e: ObliviateError):
+        return obliviate_error(request.app, e)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError):
+    async def _validation(request: Request, e: RequestValidationError):
         msg, param = validation_message(e)
-        return error_response(400, msg, "invalid_request_error", param)
+        return obliviate_error(request.app, InvalidRequest(msg, param))
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, e: HTTPException):
-        return error_response(e.status_code, str(e.detail), "invalid_request_error")
+    async def _http(request: Request, e: HTTPException):
+        err = InvalidRequest(str(e.detail), code=f"http_{e.status_code}")
+        err.status_code = e.status_code
+        return obliviate_error(request.app, err)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception):
@@ -88,20 +106,22 @@ def profile_table(settings: Settings, model: ModelInfo) -> ProfileTable:
     return table
 
 
-def build_app(settings: Settings, model: ModelInfo | None = None, table: ProfileTable | None = None) -> FastAPI:
-    """`model`/`table` may be loaded by the caller (the CLI, to report errors before serving; tests,
-    to share one model); otherwise the lifespan loads them."""
+def build_app(settings: Settings, model: ModelInfo | None = None, table: ProfileTable | None = None,
+              keyring: Keyring | None = None) -> FastAPI:
+    """`model`/`table`/`keyring` may be loaded by the caller (the CLI, to report errors before serving;
+    tests, to share one model); otherwise the lifespan loads them."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         info = model or load_model_for(settings)
         tbl = table or profile_table(settings, info)
+        app.state.keyring = keyring or Keyring.build(settings.keys, settings.api_key, tbl.names)
         engine = make_engine(settings, info, tbl)
         await engine.start()
         metrics = Metrics()
         metrics.watch(engine)
         app.state.metrics = metrics
-        app.state.serving = CompletionServing(engine, info, tbl.specs, metrics, settings.max_model_len)
+        app.state.serving = CompletionServing(engine, info, tbl.specs, metrics, settings)
         log.info("serving %s on the %s engine with profiles: %s", info.name, engine.name, ", ".join(tbl.names))
         try:
             yield
@@ -111,6 +131,7 @@ def build_app(settings: Settings, model: ModelInfo | None = None, table: Profile
     app = FastAPI(title="obliviate", lifespan=lifespan)
     app.state.settings = settings
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, reject=reject)
     app.include_router(api)
     app.include_router(ops)
     return app

@@ -25,7 +25,17 @@ def add_serve(sub) -> None:
     p.add_argument("--data-parallel-size", type=int, help="vllm engine: model replicas")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--cache-dir", type=Path, help="where the embedded model is prepared once")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' for every profile (a flag shows in "
+                   "`ps`: prefer OBLIVIATE_API_KEY or --keys)")
+    p.add_argument("--keys", type=Path, help="a YAML keys file: which profiles each key may use (README: Keys)")
+    p.add_argument("--allow-unauthenticated", action="store_true", default=None,
+                   help="serve on a non-loopback --host without --keys or --api-key")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default 4 MiB)")
+    p.add_argument("--max-choices", type=int, help="most completions one request may ask for: prompts x n (default 64)")
+    p.add_argument("--max-queue", type=int,
+                   help="sequences that may wait beyond the running batch; more get 429 (default 128)")
+    p.add_argument("--request-timeout", type=float, help="seconds a request may take in all (default 600)")
+    p.add_argument("--drain-timeout", type=int, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -42,28 +52,48 @@ def settings_from(args: argparse.Namespace):
         raise CLIError(f"bad setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
+def check_serve(settings, api_key_flag: bool) -> None:
+    """What can be told from the settings alone, before anything loads."""
+    if settings.max_batch_size < 1 or settings.max_model_len < 2:
+        raise CLIError("--max-batch-size must be ≥ 1 and --max-model-len ≥ 2")
+    if min(settings.max_body_bytes, settings.max_choices, settings.request_timeout, settings.drain_timeout) <= 0 \
+            or settings.max_queue < 0:
+        raise CLIError("--max-body-bytes, --max-choices, --request-timeout and --drain-timeout must be > 0, "
+                       "--max-queue ≥ 0")
+    if settings.engine == "builtin" and (settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1):
+        raise CLIError("--tensor-parallel-size and --data-parallel-size need --engine vllm")
+    loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not (settings.keys or settings.api_key or settings.allow_unauthenticated):
+        raise CLIError(f"refusing to serve on {settings.host} without keys: every client could use every profile. "
+                       f"Give --keys FILE (or OBLIVIATE_API_KEY), or --allow-unauthenticated")
+    if api_key_flag:
+        logging.getLogger("obliviate").warning("--api-key is visible to every user of this machine in `ps`; "
+                                               "prefer OBLIVIATE_API_KEY or a --keys file with sha256 entries")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ablation.sae_io import SAELoadError
     from ablation.spec import ProfileError, load_profiles
     from server.app import build_app, load_model_for, profile_table
+    from server.keys import Keyring, KeysError
     from server.models import ModelLoadError
 
     settings = settings_from(args)
-    if settings.max_batch_size < 1 or settings.max_model_len < 2:
-        raise CLIError("--max-batch-size must be ≥ 1 and --max-model-len ≥ 2")
-    if settings.engine == "builtin" and (settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1):
-        raise CLIError("--tensor-parallel-size and --data-parallel-size need --engine vllm")
+    check_serve(settings, args.api_key is not None)
     try:
-        # fail fast, before serving: profiles first, they need no model
-        load_profiles(settings.profiles, settings.model)
+        # fail fast, before serving: profiles and keys first, they need no model
+        names = list(load_profiles(settings.profiles, settings.model))
+        keyring = Keyring.build(settings.keys, settings.api_key, names)
         model = load_model_for(settings)
         table = profile_table(settings, model)
-    except (ProfileError, SAELoadError, ModelLoadError, ValueError) as e:
+    except (ProfileError, SAELoadError, ModelLoadError, KeysError, ValueError) as e:
         raise CLIError(str(e)) from None
-    app = build_app(settings, model, table)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = build_app(settings, model, table, keyring)
+    # on SIGTERM: stop accepting, give in-flight requests drain_timeout s, cancel the rest, stop the engine
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.drain_timeout)
     return 0
 
 

@@ -6,10 +6,22 @@ from __future__ import annotations
 class ObliviateError(Exception):
     status_code = 400
     type = "invalid_request_error"
+    headers: dict[str, str] = {}
+    rejection = True  # refused before any generation (counted as rejected); False: failed while generating
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+
+    @property
+    def reason(self) -> str:
+        """A short label for metrics."""
+        return self.code or self.type
+
+
+def shown(name: str, limit: int = 64) -> str:
+    """A client-given name as quoted in an error: never echoed whole."""
+    return repr(name if len(name) <= limit else name[:limit] + "…")
 
 
 class InvalidRequest(ObliviateError):
@@ -19,7 +31,7 @@ class InvalidRequest(ObliviateError):
 class UnknownProfile(ObliviateError):
     def __init__(self, name: str, known: list[str]):
         super().__init__(
-            f"unknown profile {name!r}; known profiles: {', '.join(sorted(known))}", param="profile",
+            f"unknown profile {shown(name)}; known profiles: {', '.join(sorted(known))}", param="profile",
             code="profile_not_found")
 
 
@@ -29,7 +41,7 @@ class UnknownModel(ObliviateError):
 
     def __init__(self, name: str, known: list[str]):
         super().__init__(
-            f"the model {name!r} does not exist; served: {', '.join(known)}", param="model",
+            f"the model {shown(name)} does not exist; served: {', '.join(known)}", param="model",
             code="model_not_found")
 
 
@@ -38,9 +50,52 @@ class Unauthorized(ObliviateError):
     type = "authentication_error"
 
 
+class Forbidden(ObliviateError):
+    status_code = 403
+    type = "permission_error"
+
+
+class PayloadTooLarge(ObliviateError):
+    status_code = 413
+
+    def __init__(self, limit: int):
+        super().__init__(f"request body larger than {limit} bytes (the server's --max-body-bytes)",
+                         code="request_too_large")
+
+
+class Overloaded(ObliviateError):
+    """The waiting queue is full: try again after `retry_after` seconds."""
+    status_code = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, code="overloaded")
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class Unavailable(ObliviateError):
+    status_code = 503
+    type = "server_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="unavailable")
+        self.headers = {"Retry-After": "10"}
+
+
+class RequestTimeout(ObliviateError):
+    status_code = 504
+    type = "timeout_error"
+    rejection = False
+
+    def __init__(self, seconds: float):
+        super().__init__(f"the request did not finish within {seconds:g} s (the server's --request-timeout)",
+                         code="request_timeout")
+
+
 class EngineFailure(ObliviateError):
     status_code = 500
     type = "server_error"
+    rejection = False
 
 
 class CLIError(Exception):

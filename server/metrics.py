@@ -12,8 +12,13 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("obliviate_requests", "Completion requests by profile and HTTP status",
-                                ["profile", "status"], registry=r)
+        self.requests = Counter("obliviate_requests", "Completion requests served, by profile, HTTP status and "
+                                "key name (`none` without keys)", ["profile", "status", "key"], registry=r)
+        self.rejected = Counter("obliviate_requests_rejected", "Requests refused before generating, by reason "
+                                "(the error code or type) and HTTP status", ["reason", "status"], registry=r)
+        self.aborted = Counter("obliviate_requests_aborted", "Requests stopped while generating: the client "
+                               "left (or the server stopped), or the request timed out", ["profile", "reason"],
+                               registry=r)
         self.prompt_tokens = Counter("obliviate_prompt_tokens", "Prompt tokens processed",
                                      ["profile"], registry=r)
         self.generation_tokens = Counter("obliviate_generation_tokens", "Tokens generated",
@@ -23,7 +28,10 @@ class Metrics:
         self.e2e = Histogram("obliviate_e2e_request_latency_seconds", "End-to-end request latency",
                              ["profile"], buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("obliviate_requests_running", "Sequences in the running batch", registry=r)
-        self.waiting = Gauge("obliviate_requests_waiting", "Sequences waiting to join the batch", registry=r)
+        self.waiting = Gauge("obliviate_requests_waiting", "Sequences waiting to join the batch (the queue depth)",
+                             registry=r)
+        self.in_flight = Gauge("obliviate_sequences_in_flight", "Sequences admitted and not finished (running + "
+                               "waiting, as the admission limit counts them)", registry=r)
         self.steps = Gauge("obliviate_engine_steps", "Engine steps since start", registry=r)
         self.prefix_hits = Gauge("obliviate_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                                  registry=r)

@@ -122,9 +122,28 @@ def load_info(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Model
     path, hf_name = resolve(name, cache_dir or default_cache_dir())
     try:
         tok, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+        _check_weights(Path(path))
+    except Exception as e:  # a damaged folder fails in many ways: JSON, safetensors, tokenizer errors
+        raise ModelLoadError(_damaged(name, path, e)) from e
     return ModelInfo(name, hf_name, path, tok, config, _eos_ids(path, tok, config))
+
+
+def _check_weights(path: Path) -> None:
+    """Reads every safetensors header of a local folder: a truncated file fails here, before any engine
+    starts (vLLM would fail inside its worker)."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else ():
+        with safe_open(f, framework="pt"):
+            pass
+
+
+def _damaged(name: str, path: str, e: Exception) -> str:
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    msg = f"cannot load model {name!r} from {path}: {type(e).__name__}: {first}"
+    if name in EMBEDDED:
+        msg += f" (the prepared copy looks damaged: delete {path} and it is prepared again)"
+    return msg
 
 
 def _eos_ids(path: str, tok, config) -> frozenset[int]:
@@ -154,8 +173,8 @@ def load_model(
     t0 = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dt, attn_implementation="sdpa")
-    except OSError as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    except Exception as e:
+        raise ModelLoadError(_damaged(name, info.path, e)) from e
     model.to(dev).eval()
     model.requires_grad_(False)
     log.info("loaded %s on %s/%s in %.1f s", name, dev, dt, time.perf_counter() - t0)

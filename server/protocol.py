@@ -10,12 +10,26 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger("obliviate.protocol")
 
 MAX_LOGPROBS = 20
 MAX_N = 16
+MAX_NAME = 256  # model, profile and user names
+
+
+def _check_unicode(v, where: str = ""):
+    """Strings must be encodable text: JSON allows lone surrogates ("\\ud800"), tokenizers do not."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}not valid Unicode: a lone surrogate at character {e.start}") from None
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _check_unicode(x, f"item {i}: " if isinstance(x, str) else where)
+    return v
 
 
 class OpenAIBaseModel(BaseModel):
@@ -45,7 +59,7 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class CompletionRequest(OpenAIBaseModel):
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=MAX_NAME)
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = None
     echo: bool = False
@@ -62,11 +76,13 @@ class CompletionRequest(OpenAIBaseModel):
     suffix: str | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_NAME)
     # --- obliviate extensions ---------------------------------------------------------------
     # the ablation profile; may also be given as the model name ("hp_unlearn" or
     # "gemma-3-270m:hp_unlearn") for clients that cannot add fields
-    profile: str | None = None
+    profile: str | None = Field(default=None, max_length=MAX_NAME)
+
+    _unicode = field_validator("model", "prompt", "stop", "suffix", "user", "profile")(_check_unicode)
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of strings or a list of token-id lists."""

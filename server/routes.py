@@ -2,55 +2,94 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from collections.abc import Awaitable
+from contextlib import suppress
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.errors import Unauthorized
+from server.keys import OPEN, Access
 from server.protocol import CompletionRequest, ModelList, ProfileList
 from server.serving import CompletionServing
+
+T = TypeVar("T")
 
 
 def serving(request: Request) -> CompletionServing:
     return request.app.state.serving
 
 
-def check_key(request: Request) -> None:
-    key = request.app.state.settings.api_key
-    if key and request.headers.get("authorization") != f"Bearer {key}":
-        raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
+def access(request: Request) -> Access:
+    """The caller's key and what it may use (everything when the server has no keys)."""
+    keyring = request.app.state.keyring
+    if keyring is None:
+        return OPEN
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing API key (send 'Authorization: Bearer <key>')", code="missing_api_key")
+    found = keyring.lookup(token.strip())
+    if found is None:
+        raise Unauthorized("invalid API key", code="invalid_api_key")
+    return found
+
+
+async def until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`, cancelled (so the engine stops generating for it) if the client leaves first; then None."""
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(until_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is stopping
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 Serving = Annotated[CompletionServing, Depends(serving)]
-api = APIRouter(dependencies=[Depends(check_key)])
+Key = Annotated[Access, Depends(access)]
+api = APIRouter()
 ops = APIRouter()
 
 
 @api.post("/v1/completions")
-async def create_completion(req: CompletionRequest, s: Serving):
-    result = await s.create(req)
+async def create_completion(req: CompletionRequest, s: Serving, key: Key, request: Request):
+    result = await unless_disconnected(request, s.create(req, key))
+    if result is None:
+        return Response(status_code=499)  # the client has gone; nobody reads this
     if req.stream:
         return StreamingResponse(result, media_type="text/event-stream")
     return JSONResponse(result.model_dump(exclude_none=True))
 
 
 @api.get("/v1/models")
-async def list_models(s: Serving) -> ModelList:
-    return s.models()
+async def list_models(s: Serving, key: Key) -> ModelList:
+    return s.models(key)
 
 
 @api.get("/v1/profiles")
-async def list_profiles(s: Serving) -> ProfileList:
-    return s.profiles()
+async def list_profiles(s: Serving, key: Key) -> ProfileList:
+    return s.profiles(key)
 
 
 @ops.get("/health")
 async def health(s: Serving) -> JSONResponse:
     ok = s.engine.health()
-    body = {"status": "ok" if ok else "unavailable", "engine": s.engine.name, "model": s.model.name,
-            "profiles": list(s.specs)}
+    body = {"status": "ok" if ok else "unavailable", "engine": s.engine.name, "model": s.model.name}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

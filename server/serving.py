@@ -10,44 +10,55 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ablation.spec import ProfileSpec
 from server.engine.base import ChoiceOutput, Engine, EngineError, Prompt, SamplingParams, TokenLogprob
-from server.errors import EngineFailure, InvalidRequest, ObliviateError, UnknownModel, UnknownProfile
+from server.errors import (
+    EngineFailure, Forbidden, InvalidRequest, ObliviateError, RequestTimeout, Unavailable, UnknownModel,
+    UnknownProfile, shown,
+)
+from server.keys import OPEN, Access
+from server.limits import Admission
 from server.metrics import Metrics
 from server.models import ModelInfo
 from server.protocol import (
     CompletionChoice, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse, Logprobs,
     ModelCard, ModelList, ProfileCard, ProfileList, Usage,
 )
+from server.settings import Settings
 
 
 class CompletionServing:
     def __init__(self, engine: Engine, model: ModelInfo, profiles: dict[str, ProfileSpec], metrics: Metrics,
-                 max_model_len: int):
+                 settings: Settings):
         self.engine, self.model, self.specs, self.metrics = engine, model, profiles, metrics
         self.tok = model.tokenizer
-        self.max_model_len = min(max_model_len, model.max_len)
+        self.max_model_len = min(settings.max_model_len, model.max_len)
+        self.max_choices, self.request_timeout = settings.max_choices, settings.request_timeout
+        self.admission = Admission(settings.max_batch_size, settings.max_queue)
+        metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self._prefix_ids = {n: self._tokens(s.prefix) for n, s in profiles.items()}
 
-    # ---- listing -----------------------------------------------------------------------------
-    def models(self) -> ModelList:
+    # ---- listing (what the key may use) ------------------------------------------------------
+    def models(self, access: Access = OPEN) -> ModelList:
         cards = [ModelCard(id=self.model.name, root=self.model.hf_name, max_model_len=self.max_model_len)]
-        for p in self.specs:
+        for p in access.visible(self.specs):
             for alias in (f"{self.model.name}:{p}", p):
                 cards.append(ModelCard(id=alias, root=self.model.name, profile=p, max_model_len=self.max_model_len))
         return ModelList(data=cards)
 
-    def profiles(self) -> ProfileList:
+    def profiles(self, access: Access = OPEN) -> ProfileList:
         return ProfileList(data=[
             ProfileCard(name=n, description=s.description, model=s.model, prefix=s.prefix,
                         interventions=[iv.model_dump() for iv in s.interventions], version=s.metadata.version)
-            for n, s in self.specs.items()])
+            for n, s in self.specs.items() if access.allows(n)])
 
     # ---- request -> engine call --------------------------------------------------------------
-    def resolve_profile(self, req: CompletionRequest) -> str:
-        """The profile comes from the `profile` field or the model name (`name:profile` or `profile`)."""
+    def resolve_profile(self, req: CompletionRequest, access: Access = OPEN) -> str:
+        """The profile comes from the `profile` field or the model name (`name:profile` or `profile`);
+        without either, the key's default. A key may use only its own profiles."""
         model = req.model or self.model.name
         served = {self.model.name, self.model.hf_name}
         from_model = None
@@ -58,13 +69,16 @@ class CompletionServing:
             elif model in self.specs:
                 from_model = model
             else:
-                raise UnknownModel(model, [c.id for c in self.models().data])
+                raise UnknownModel(model, [c.id for c in self.models(access).data])
         if from_model and req.profile and from_model != req.profile:
-            raise InvalidRequest(f"model {model!r} selects profile {from_model!r} but the request's "
-                                 f"profile field says {req.profile!r}", param="profile")
-        name = req.profile or from_model or "baseline"
+            raise InvalidRequest(f"model {shown(model)} selects profile {shown(from_model)} but the request's "
+                                 f"profile field says {shown(req.profile)}", param="profile")
+        name = req.profile or from_model or access.default_profile
         if name not in self.specs:
-            raise UnknownProfile(name, list(self.specs))
+            raise UnknownProfile(name, access.visible(self.specs))
+        if not access.allows(name):
+            raise Forbidden(f"the key {access.name!r} may not use profile {shown(name)}; its profiles: "
+                            f"{', '.join(access.visible(self.specs))}", param="profile", code="profile_not_allowed")
         return name
 
     def _tokens(self, text: str) -> list[int]:
@@ -110,16 +124,28 @@ class CompletionServing:
             raise InvalidRequest("prompt must not be empty", param="prompt")
         return out
 
-    async def create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-        profile = self.resolve_profile(req)
-        try:
-            params = self.sampling_params(req)
-            prompts = await asyncio.to_thread(self.build, req, profile)  # tokenizing: off the event loop
-        except ObliviateError:
-            self.metrics.requests.labels(profile, "400").inc()
-            raise
-        run = _Run(self, req, profile, params, prompts)
-        return run.stream() if req.stream else await run.collect()
+    def check_fan_out(self, req: CompletionRequest) -> None:
+        """A request larger than the server could ever take is a 400, not a 429 to retry forever."""
+        n_prompts, most = len(req.prompts()), min(self.max_choices, self.admission.capacity)
+        if n_prompts * req.n > most:
+            raise InvalidRequest(
+                f"this request asks for {n_prompts * req.n} completions ({n_prompts} prompts x n={req.n}); at most "
+                f"{most} a request (the server's --max-choices, or --max-batch-size + --max-queue): split it",
+                code="too_many_choices", param="prompt" if n_prompts > 1 else "n")
+
+    async def create(self, req: CompletionRequest, access: Access = OPEN) -> CompletionResponse | AsyncIterator[str]:
+        if not self.engine.health():
+            raise Unavailable(f"the {self.engine.name} engine is not running (see the server log)")
+        profile = self.resolve_profile(req, access)
+        params = self.sampling_params(req)
+        self.check_fan_out(req)
+        prompts = await asyncio.to_thread(self.build, req, profile)  # tokenizing: off the event loop
+        run = _Run(self, req, profile, params, prompts, access.name)
+        if not req.stream:
+            return await run.collect()
+        chunks = run.stream()
+        first = await anext(chunks)  # admission and errors before the first chunk are answered as HTTP errors
+        return _prepend(first, chunks)
 
 
 @dataclass
@@ -134,17 +160,39 @@ class _Run:
     """One request in flight: the engine's outputs, assembled into a response or a stream."""
 
     def __init__(self, serving: CompletionServing, req: CompletionRequest, profile: str, params: SamplingParams,
-                 prompts: list[Prompt]):
+                 prompts: list[Prompt], key: str):
         self.s, self.req, self.profile, self.params, self.prompts = serving, req, profile, params, prompts
+        self.key = key
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.t0 = time.perf_counter()
+        self.deadline = asyncio.get_running_loop().time() + serving.request_timeout
         self.first_token_at: float | None = None
         self.prompt_tokens = sum(len(p.input_ids) for p in prompts) * req.n
         self.generated: dict[int, int] = {}
+        self.ended = False
+
+    @contextmanager
+    def admitted(self):
+        """Holds the request's choices in the admission count (429 when full) until it ends."""
+        n = len(self.prompts) * self.req.n
+        self.s.admission.acquire(n)
+        try:
+            yield
+        finally:
+            self.s.admission.release(n)
 
     async def outputs(self) -> AsyncIterator[ChoiceOutput]:
+        """The engine's outputs until the request's deadline; leaving early aborts the engine request."""
+        it = self.s.engine.generate(self.id, self.prompts, self.params, self.profile, self.req.n)
         try:
-            async for out in self.s.engine.generate(self.id, self.prompts, self.params, self.profile, self.req.n):
+            while True:
+                try:
+                    async with asyncio.timeout_at(self.deadline):
+                        out = await anext(it)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise RequestTimeout(self.s.request_timeout) from None
                 if out.tokens and self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                     self.s.metrics.ttft.labels(self.profile).observe(self.first_token_at - self.t0)
@@ -152,15 +200,30 @@ class _Run:
                 yield out
         except EngineError as e:
             raise EngineFailure(str(e)) from None
+        finally:
+            await it.aclose()
 
-    def finish(self, status: str) -> Usage:
+    def end(self, status: int, aborted: str | None = None) -> Usage:
+        """Counts the request once, however it ended."""
         m = self.s.metrics
         gen = sum(self.generated.values())
-        m.requests.labels(self.profile, status).inc()
+        usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=gen, total_tokens=self.prompt_tokens + gen)
+        if self.ended:
+            return usage
+        self.ended = True
+        m.requests.labels(self.profile, str(status), self.key).inc()
+        if aborted:
+            m.aborted.labels(self.profile, aborted).inc()
         m.prompt_tokens.labels(self.profile).inc(self.prompt_tokens)
         m.generation_tokens.labels(self.profile).inc(gen)
         m.e2e.labels(self.profile).observe(time.perf_counter() - self.t0)
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=gen, total_tokens=self.prompt_tokens + gen)
+        return usage
+
+    def ended_by(self, e: BaseException) -> None:
+        if isinstance(e, ObliviateError):
+            self.end(e.status_code, "timeout" if isinstance(e, RequestTimeout) else None)
+        else:  # the client left (the server cancels on disconnect), or the server is stopping
+            self.end(499, "cancelled")
 
     def _prompt_text(self, index: int) -> str:
         p = self.req.prompts()[index // self.req.n]
@@ -168,23 +231,24 @@ class _Run:
 
     async def collect(self) -> CompletionResponse:
         got = [_Choice() for _ in range(len(self.prompts) * self.req.n)]
-        try:
-            async for out in self.outputs():
-                c = got[out.index]
-                c.text += out.text
-                c.tokens += out.tokens
-                c.prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else c.prompt_logprobs
-                c.finish_reason = out.finish_reason or c.finish_reason
-        except ObliviateError:
-            self.finish("500")
-            raise
+        with self.admitted():
+            try:
+                async for out in self.outputs():
+                    c = got[out.index]
+                    c.text += out.text
+                    c.tokens += out.tokens
+                    c.prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else c.prompt_logprobs
+                    c.finish_reason = out.finish_reason or c.finish_reason
+            except (ObliviateError, asyncio.CancelledError) as e:
+                self.ended_by(e)
+                raise
         choices = []
         for i, c in enumerate(got):
             echo = self._prompt_text(i) if self.req.echo else ""
             infos = (c.prompt_logprobs or []) + c.tokens if self.req.echo else c.tokens
             lp = self.logprobs(infos, 0) if self.req.logprobs is not None else None
             choices.append(CompletionChoice(index=i, text=echo + c.text, logprobs=lp, finish_reason=c.finish_reason))
-        usage = self.finish("200")
+        usage = self.end(200)
         return CompletionResponse(id=self.id, model=self.req.model or self.s.model.name, choices=choices, usage=usage,
                                   profile=self.profile)
 
@@ -201,30 +265,48 @@ class _Run:
         return out
 
     async def stream(self) -> AsyncIterator[str]:
+        """Server-sent events. An error before the first chunk propagates (the route answers it with its
+        status); after it, an error chunk follows, then [DONE]."""
         base = dict(id=self.id, model=self.req.model or self.s.model.name, profile=self.profile)
         chunk = lambda **c: "data: " + CompletionResponse(  # noqa: E731
             choices=[CompletionChoice(**c)], **base).model_dump_json(exclude_none=True) + "\n\n"
         offsets = [0] * (len(self.prompts) * self.req.n)
-        try:
-            if self.req.echo:
-                for i in range(len(offsets)):
-                    text = self._prompt_text(i)
-                    offsets[i] = len(text)
-                    yield chunk(index=i, text=text)
-            async for out in self.outputs():
-                i = out.index
-                if out.text or out.tokens:
-                    lp = self.logprobs(out.tokens, offsets[i]) if self.req.logprobs is not None else None
-                    offsets[i] += len(out.text)
-                    yield chunk(index=i, text=out.text, logprobs=lp)
-                if out.finish_reason:
-                    yield chunk(index=i, text="", finish_reason=out.finish_reason)
-            usage = self.finish("200")
-            if self.req.stream_options and self.req.stream_options.include_usage:
-                yield "data: " + json.dumps({**base, "object": "text_completion", "choices": [],
-                                             "usage": usage.model_dump()}) + "\n\n"
-        except ObliviateError as e:
-            self.finish("500")
-            err = ErrorResponse(error=ErrorInfo(message=e.message, type=e.type, param=e.param, code=e.code))
-            yield "data: " + err.model_dump_json() + "\n\n"
+        sent = False
+        with self.admitted():
+            try:
+                if self.req.echo:
+                    for i in range(len(offsets)):
+                        text = self._prompt_text(i)
+                        offsets[i] = len(text)
+                        sent = True
+                        yield chunk(index=i, text=text)
+                async for out in self.outputs():
+                    i = out.index
+                    if out.text or out.tokens:
+                        lp = self.logprobs(out.tokens, offsets[i]) if self.req.logprobs is not None else None
+                        offsets[i] += len(out.text)
+                        sent = True
+                        yield chunk(index=i, text=out.text, logprobs=lp)
+                    if out.finish_reason:
+                        sent = True
+                        yield chunk(index=i, text="", finish_reason=out.finish_reason)
+                usage = self.end(200)
+                if self.req.stream_options and self.req.stream_options.include_usage:
+                    yield "data: " + json.dumps({**base, "object": "text_completion", "choices": [],
+                                                 "usage": usage.model_dump()}) + "\n\n"
+            except ObliviateError as e:
+                self.ended_by(e)
+                if not sent:
+                    raise
+                err = ErrorResponse(error=ErrorInfo(message=e.message, type=e.type, param=e.param, code=e.code))
+                yield "data: " + err.model_dump_json() + "\n\n"
+            except (asyncio.CancelledError, GeneratorExit) as e:
+                self.ended_by(e)
+                raise
         yield "data: [DONE]\n\n"
+
+
+async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for x in rest:
+        yield x

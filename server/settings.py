@@ -26,5 +26,13 @@ class Settings(BaseSettings):
     data_parallel_size: int = 1  # vllm engine only
     max_model_len: int = 2048
     cache_dir: Path = default_cache_dir()
-    api_key: str | None = None
+    api_key: str | None = None  # one key for every profile; prefer OBLIVIATE_API_KEY to the flag (ps shows flags)
+    keys: Path | None = None  # a keys file: which profiles each key may use (server/keys.py)
+    allow_unauthenticated: bool = False  # serve on a non-loopback host without keys
+    # limits (see README "Limits"): body size checked before parsing; choices = prompts x n
+    max_body_bytes: int = 4 * 2**20
+    max_choices: int = 64  # per request
+    max_queue: int = 128  # choices waiting beyond the running batch; more -> 429
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    drain_timeout: int = 30  # seconds in-flight requests get to finish on SIGTERM
     log_level: str = "info"

@@ -102,3 +102,13 @@ def ablated(tl_model, profile: str, table: ProfileTable):
         yield tl_model
     finally:
         tl_model.reset_hooks()
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """The sum of a /metrics sample over the series whose labels include `labels` (0 if none)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

@@ -2,10 +2,13 @@
 built-in engine and the vLLM engine."""
 
 import json
+import time
 
 import httpx
 import openai
 import pytest
+
+from tests.helpers import metric
 
 
 @pytest.fixture(scope="module")
@@ -174,17 +177,31 @@ def test_stream_error_chunk_then_done(api_server):
 
 
 def test_metrics_count_requests_by_profile(api_server, client):
-    before = httpx.get(api_server.url + "/metrics").text
+    served = dict(profile="t_keep_error", status="200", key="none")
+    before = metric(api_server.url, "obliviate_requests_total", **served)
     complete(client, prompt="One", extra_body={"profile": "t_keep_error"})
+    assert metric(api_server.url, "obliviate_requests_total", **served) == before + 1
+    assert metric(api_server.url, "obliviate_generation_tokens_total", profile="t_keep_error") >= 8
+    assert metric(api_server.url, "obliviate_time_to_first_token_seconds_count", profile="t_keep_error") >= 1
     text = httpx.get(api_server.url + "/metrics").text
-
-    def value(t, line):
-        return float(next((ln.split()[-1] for ln in t.splitlines() if ln.startswith(line)), 0))
-    key = 'obliviate_requests_total{profile="t_keep_error",status="200"}'
-    assert value(text, key) == value(before, key) + 1
-    assert value(text, 'obliviate_generation_tokens_total{profile="t_keep_error"}') >= 8
-    assert 'obliviate_time_to_first_token_seconds_count{profile="t_keep_error"}' in text
     assert "obliviate_requests_running" in text and "obliviate_engine_steps" in text
+
+
+def test_a_client_leaving_a_non_streamed_request_stops_its_generation(api_server):
+    url = api_server.url
+    aborted = metric(url, "obliviate_requests_aborted_total", reason="cancelled")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s of a 400-token request
+        httpx.post(url + "/v1/completions", timeout=2,
+                   json={"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "seed": 1})
+    deadline = time.time() + 10
+    while metric(url, "obliviate_requests_aborted_total", reason="cancelled") == aborted and time.time() < deadline:
+        time.sleep(0.1)
+    assert metric(url, "obliviate_requests_aborted_total", reason="cancelled") == aborted + 1
+    httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)  # a step to notice
+    steps = metric(url, "obliviate_engine_steps")
+    time.sleep(2)
+    assert metric(url, "obliviate_engine_steps") == steps  # nothing is generating any more
+    assert metric(url, "obliviate_sequences_in_flight") == 0
 
 
 def test_health(api_server):

@@ -1,9 +1,13 @@
-"""`obliviate serve` input errors: one line on stderr, exit status 2, before any model loads."""
+"""`obliviate serve` input errors: one line on stderr, exit status 2, before any model loads (or, for
+damaged SAE and model files, once they are read: no traceback, one error line)."""
 
+import copy
+import shutil
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 
 def obliviate(*args, timeout=60):
@@ -39,8 +43,8 @@ def test_malformed_profile(tmp_path, text, needle):
         assert needle in line
 
 
-def test_unknown_model_name():
-    assert "unknown model" in one_line_error(obliviate("serve", "--model", "no-such-model", "--profiles", "/tmp"))
+def test_unknown_model_name(tmp_path):
+    assert "unknown model" in one_line_error(obliviate("serve", "--model", "no-such-model", "--profiles", str(tmp_path)))
 
 
 def test_sae_train_and_eval_bad_numbers_fail_before_any_work():
@@ -65,3 +69,88 @@ def test_bench_bad_arguments_fail_before_any_server_starts():
 def test_parallel_flags_need_the_vllm_engine():
     assert "need --engine vllm" in one_line_error(obliviate("serve", "--tensor-parallel-size", "2"))
     assert "invalid choice: 'tgi'" in one_line_error(obliviate("serve", "--engine", "tgi"))
+
+
+def final_error(r):
+    """A start-up that got as far as loading files: logs may precede it, but it ends in one error line."""
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("obliviate: error: "), r.stderr[-2000:]
+    return last
+
+
+def shipped_sae_copy(tmp_path, damage):
+    from ablation.sae_io import shipped_sae
+
+    sae = tmp_path / "sae"
+    shutil.copytree(shipped_sae(), sae)
+    damage(sae / "sae_weights.safetensors")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "x.yaml").write_text(yaml.safe_dump({"name": "x", "interventions": [
+        {"hookpoint": "blocks.6.hook_resid_post", "sae": str(sae), "edits": [{"feature": 1}]}]}))
+    return tmp_path / "p"
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda f: f.unlink(), "No such file"),
+    (lambda f: f.write_bytes(f.read_bytes()[:5000]), "SafetensorError"),
+])
+def test_a_damaged_sae_copy_is_one_line(tmp_path, damage, needle):
+    line = final_error(obliviate("serve", "--profiles", str(shipped_sae_copy(tmp_path, damage)), timeout=300))
+    assert "cannot load the SAE" in line and needle in line
+
+
+@pytest.mark.parametrize("include,needle", [("..", "no such profile file"), (5, "must be the name of a sibling")])
+def test_an_include_that_is_not_a_profile_file_is_one_line(tmp_path, include, needle):
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump({"name": "x", "include": include}))
+    assert needle in one_line_error(obliviate("serve", "--profiles", str(tmp_path)))
+
+
+def test_a_truncated_model_cache_is_one_line_that_says_what_to_delete(tmp_path):
+    from server.models import DEFAULT_MODEL, default_cache_dir, prepare_embedded
+
+    good = prepare_embedded(default_cache_dir())
+    bad = tmp_path / "models" / DEFAULT_MODEL
+    bad.mkdir(parents=True)
+    for f in good.iterdir():
+        if f.suffix == ".safetensors":
+            (bad / f.name).write_bytes(f.open("rb").read(1_000_000))
+        else:
+            shutil.copy(f, bad / f.name)
+    for engine in ("builtin", "vllm"):
+        line = final_error(obliviate("serve", "--cache-dir", str(tmp_path), "--engine", engine, timeout=300))
+        assert "SafetensorError" in line and f"delete {bad}" in line
+
+
+KEYS = {"keys": [{"name": "lab", "key": "sk-lab-0123", "profiles": ["*"]}]}
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda k: k["keys"][0].pop("key"), "give exactly one of key and sha256"),
+    (lambda k: k["keys"][0].update(profiles=["nope"]), "unknown profiles nope"),
+    (lambda k: k["keys"][0].update(profiles=["sae_only", "prompted"]), "set default_profile"),
+    (lambda k: k["keys"][0].update(profiles=["sae_only"], default_profile="baseline"), "is not one of its profiles"),
+    (lambda k: k["keys"].append(dict(k["keys"][0], name="twin")), "the same key appears twice"),
+    (lambda k: k["keys"][0].update(sha256="abc"), "sha256"),
+])
+def test_bad_keys_files_are_refused_with_what_is_wrong(tmp_path, edit, needle):
+    from server.keys import Keyring, KeysError
+
+    keys = copy.deepcopy(KEYS)
+    edit(keys)
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump(keys))
+    with pytest.raises(KeysError, match=needle):
+        Keyring.build(tmp_path / "keys.yaml", None, ["baseline", "sae_only", "prompted"])
+
+
+def test_a_bad_keys_file_fails_before_the_model_loads(tmp_path):
+    assert "cannot read the keys file" in one_line_error(obliviate("serve", "--keys", str(tmp_path / "nope.yaml")))
+    (tmp_path / "k.yaml").write_text("keys: [\n")
+    assert "not valid YAML" in one_line_error(obliviate("serve", "--keys", str(tmp_path / "k.yaml")))
+
+
+def test_no_open_server_on_a_public_address_without_keys():
+    line = one_line_error(obliviate("serve", "--host", "0.0.0.0"))
+    assert "without keys" in line and "--allow-unauthenticated" in line
+    assert "--max-queue ≥ 0" in one_line_error(obliviate("serve", "--max-queue", "-1"))

@@ -190,3 +190,35 @@ def test_a_failing_row_does_not_fail_its_batch_mates(engine, monkeypatch):
     good, bad = asyncio.run(both())
     assert len(good[0]) == 4
     assert isinstance(bad, EngineError) and "broken SAE" in str(bad)
+
+
+class FailsAfter:
+    """An SAE that works for its first `ok` encodes, then fails: a fault that strikes mid-decode."""
+
+    def __init__(self, sae, ok: int):
+        self.sae, self.ok = sae, ok
+
+    def __getattr__(self, name):
+        return getattr(self.sae, name)
+
+    def encode(self, x):
+        self.ok -= 1
+        if self.ok < 0:
+            raise RuntimeError("SAE failed mid-decode")
+        return self.sae.encode(x)
+
+
+def test_a_row_failing_mid_decode_does_not_fail_its_batch_mates(engine, monkeypatch):
+    entry = next(e for entries in engine.table.by_hook.values() for e in entries
+                 if e.profile == engine.table.index["t_zero"])
+    monkeypatch.setattr(entry, "sae", FailsAfter(entry.sae, ok=2))  # prefill and one decode step
+
+    async def both():
+        return await asyncio.gather(collect(engine, PROMPTS[1], "baseline", request_id="good2", max_tokens=6),
+                                    collect(engine, PROMPTS[1], "t_zero", request_id="bad2", max_tokens=6),
+                                    return_exceptions=True)
+
+    good, bad = asyncio.run(both())
+    assert good[0] == run(engine, PROMPTS[1], "baseline", max_tokens=6)[0]  # all 6 tokens, as when alone
+    assert isinstance(bad, EngineError) and "mid-decode" in str(bad)
+    assert engine.health()

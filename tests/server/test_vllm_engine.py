@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from tests.helpers import metric
+
 PROMPTS = [
     "Harry Potter goes to school at",
     "The headmaster of Hogwarts is Albus",
@@ -29,11 +31,6 @@ def complete(url, prompt, profile, **kw):
     r = httpx.post(url + "/v1/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]
-
-
-def metric(url, name):
-    text = httpx.get(url + "/metrics").text
-    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name + " ")))
 
 
 @pytest.mark.parametrize("profile", SHIPPED + TEST_MODES)
