@@ -115,8 +115,12 @@ async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: s
 
 
 async def _workload(url: str, engine: str, levels: list[int], profiles: list[str], args) -> list[dict]:
+    from tqdm import tqdm
+
     mix = [p for p in profiles if p != "mix"] or ["baseline"]
     out = []
+    bar = tqdm(total=sum(max(4, c * args.requests) for c in levels) * len(profiles), desc=f"bench {engine}",
+               unit="req")
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         for c in levels:
             # warm-up at this batch size, every profile: the first steps at a new shape are slower (a GPU
@@ -137,6 +141,7 @@ async def _workload(url: str, engine: str, levels: list[int], profiles: list[str
                         dt, k = await _complete(http, args.model, prompt, prof, args.tokens)
                         lat.append(dt)
                         toks += k
+                        bar.update()
 
                 t0 = time.perf_counter()
                 await asyncio.gather(*(client() for _ in range(c)))
@@ -144,8 +149,9 @@ async def _workload(url: str, engine: str, levels: list[int], profiles: list[str
                 row = {"engine": engine, "concurrency": c, "profile": profile, "requests": n, "tokens": toks,
                        "seconds": round(wall, 2), "tok_s": round(toks / wall, 2),
                        "p50_s": round(statistics.median(lat), 2), "p95_s": round(_pct(lat, 0.95), 2)}
-                print(json.dumps(row), file=sys.stderr)
+                tqdm.write(json.dumps(row), file=sys.stderr)
                 out.append(row)
+    bar.close()
     return out
 
 

@@ -38,11 +38,43 @@ def tally(records: list[dict]) -> dict:
             "mean_answer_prob": sum(probs) / len(probs) if probs else None}
 
 
+def reading(profiles: list[str], summary: dict, what: str) -> str:
+    """One paragraph that reads the table: correct answers per prompt set, each profile against the first."""
+    first = profiles[0]
+    sets = list(summary)
+    count = lambda k, p: f"{summary[k][p]['correct']}/{summary[k][p]['n']}"  # noqa: E731
+    sizes = ", ".join(f"{summary[k][first]['n']} {k}" for k in sets)
+    parts = [f"{what} on {sizes} prompts. `{first}` answers " + ", ".join(f"{count(k, first)} {k}" for k in sets)
+             + " correctly"]
+    for p in profiles[1:]:
+        parts.append(f"`{p}`: " + ", ".join(f"{k} {count(k, p)}" for k in sets))
+    hp = {p: summary["hp"][p]["correct_rate"] for p in profiles} if "hp" in summary else {}
+    if hp and len(profiles) > 1:
+        best = min(profiles[1:], key=lambda p: hp[p])
+        kept = [f"{k} {summary[k][best]['correct_rate']:.0%} of answers vs {summary[k][first]['correct_rate']:.0%}"
+                for k in sets if k != "hp"]
+        parts.append(f"the fewest HP answers are left under `{best}` ({hp[best]:.0%} vs {hp[first]:.0%})"
+                     + (", with " + ", ".join(kept) if kept else ""))
+    return "; ".join(parts) + "."
+
+
+def robustness_reading(profiles: list[str], leak: dict, summary: dict) -> str:
+    first = profiles[0]
+    text = ", ".join(f"`{p}` {leak[p]:.0%}" for p in profiles)
+    worst = max(profiles[1:], key=lambda p: leak[p], default=None)
+    out = f"Mean correct rate over the adversarial sets (the leak): {text}."
+    if worst is not None and leak[first]:
+        out += f" The most leaky after `{first}` is `{worst}`, keeping {leak[worst] / leak[first]:.0%} of its answers."
+    return out
+
+
 async def completions(ctx: EvalContext) -> dict:
     sets = {"hp": load_jsonl("hp_prompts.jsonl", ctx.split, ctx.limit),
             "generic": load_jsonl("generic_prompts.jsonl", ctx.split, ctx.limit)}
     out = {k: await score_items(ctx, v, f"completions/{k}", with_prob=False) for k, v in sets.items()}
-    md = ["# Completions\n", f"Greedy, {MAX_TOKENS} new tokens. ✓ = an accepted answer appears.\n"]
+    summary = {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in out.items()}
+    md = ["# Completions\n\n", reading(ctx.profiles, summary, "Greedy completions") + "\n\n",
+          f"Greedy, {MAX_TOKENS} new tokens. ✓ = an accepted answer appears.\n"]
     for k, recs in out.items():
         md.append(f"\n## {k} prompts\n")
         rows = []
@@ -50,8 +82,7 @@ async def completions(ctx: EvalContext) -> dict:
             rows.append([it["prompt"], "/".join(it["answers"])] +
                         [("✓ " if recs[p][i]["correct"] else "") + recs[p][i]["completion"].strip() for p in ctx.profiles])
         md.append(md_table(["prompt", "expected"] + ctx.profiles, rows))
-    result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "records": out,
-              "summary": {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in out.items()}}
+    result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "records": out, "summary": summary}
     write_report(ctx, "completions", result, "".join(md))
     return result
 
@@ -65,7 +96,7 @@ async def familiarity(ctx: EvalContext) -> dict:
     rows = [[p] + [summary[k][p][m] for k in sets for m in ("correct_rate", "mention_rate", "mean_answer_prob")]
             for p in ctx.profiles]
     header = ["profile"] + [f"{k} {m}" for k in sets for m in ("correct", "mentions HP", "P(answer)")]
-    md = ("# Familiarity\n\nShare of prompts answered correctly (an accepted answer in the greedy "
+    md = ("# Familiarity\n\n" + reading(ctx.profiles, summary, "Familiarity") + "\n\nShare of prompts answered correctly (an accepted answer in the greedy "
           f"{MAX_TOKENS}-token completion), share of completions that mention Harry Potter (lexicon), and the "
           "mean probability of the accepted answer's first token.\n\n" + md_table(header, rows) +
           "\n![familiarity](familiarity.png)\n")
@@ -90,7 +121,7 @@ async def robustness(ctx: EvalContext) -> dict:
             max(1, sum(s in summary for s in ADVERSARIAL)) for p in ctx.profiles}
     rows = [[s] + [f"{summary[s][p]['correct']}/{summary[s][p]['n']}" for p in ctx.profiles] for s in sets]
     rows.append(["leak (mean adversarial correct rate)"] + [leak[p] for p in ctx.profiles])
-    md = ("# Robustness\n\nCorrect answers per set (paraphrases, other languages, jailbreak-style prefixes, "
+    md = ("# Robustness\n\n" + robustness_reading(ctx.profiles, leak, summary) + "\n\nCorrect answers per set (paraphrases, other languages, jailbreak-style prefixes, "
           "in-context relearning) and on nearby domains (collateral forgetting).\n\n" +
           md_table(["set"] + ctx.profiles, rows) + "\n![robustness](robustness.png)\n")
     grouped_bars(ctx.out / "robustness.png", "Correct rate by robustness set", sets,

@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 
 from evals.charts import grouped_bars, hbars
+from clients.http import APIError
 from evals.common import EvalContext, EvalError, load_jsonl, md_table, write_report
 
 TOP_K = 20
@@ -29,26 +30,67 @@ def mean_probs(dists: list[dict[str, float]]) -> dict[str, float]:
     return {t: v / len(dists) for t, v in total.items()}
 
 
-async def tokens(ctx: EvalContext, before: str | None = None, after: str | None = None) -> dict:
-    before = before or ("sae_only" if "sae_only" in ctx.profiles else ctx.profiles[0])
-    after = after or next(p for p in ctx.profiles[::-1] if p != before)
-    result = {"settings": ctx.settings(max_tokens=1, temperature=0, logprobs=TOP_K), "before": before, "after": after}
-    md = [f"# Tokens whose probability fell most: {before} → {after}\n\n",
-          f"Mean next-token probability over the prompts (top-{TOP_K} per prompt; tokens outside it count as 0).\n"]
+def reference_of(profile: str, specs: dict[str, dict]) -> str | None:
+    """What an unlearning profile is compared with, as the study's figure 3 did: `baseline` when every
+    intervention keeps the SAE error (only the edited features move the residual), else the plain SAE
+    reconstruction at the same hook points (a profile with the same SAEs and no edits). None: not an
+    unlearning profile (no edits)."""
+    ivs = (specs.get(profile) or {}).get("interventions") or []
+    if not any(iv.get("edits") for iv in ivs):
+        return None
+    if all(iv.get("keep_error") for iv in ivs):
+        return "baseline"
+    where = {(iv["hookpoint"], iv["sae"]) for iv in ivs}
+    for name, spec in specs.items():
+        other = (spec or {}).get("interventions") or []
+        if other and not any(iv.get("edits") or iv.get("keep_error") for iv in other) \
+                and {(iv["hookpoint"], iv["sae"]) for iv in other} == where:
+            return name
+    return "baseline"
+
+
+async def tokens(ctx: EvalContext) -> dict:
+    """For each unlearning profile, the tokens whose probability fell most against its own reference."""
+    try:
+        specs = {p.name: p.model_dump() for p in (await ctx.client.profiles()).data}
+    except APIError:
+        specs = {}  # a server without /v1/profiles: compare every profile with the first
+    pairs = [(ref, p) for p in ctx.profiles if (ref := reference_of(p, specs) if specs else
+                                                 (ctx.profiles[0] if p != ctx.profiles[0] else None))]
+    if not pairs:
+        raise EvalError(f"the tokens report needs an unlearning profile (one with edits) among {ctx.profiles}")
+    result = {"settings": ctx.settings(max_tokens=1, temperature=0, logprobs=TOP_K),
+              "pairs": [{"reference": r, "profile": p} for r, p in pairs]}
+    md, tables = [], []
     for name in ("hp", "generic"):
         items = load_jsonl(f"{name}_prompts.jsonl", ctx.split, ctx.limit)
+        needed = sorted({x for pair in pairs for x in pair}, key=lambda p: (p != "baseline", p))
         dists = await ctx.gather(f"tokens/{name}", [next_token_probs(ctx, it["prompt"], p)
-                                                    for p in (before, after) for it in items])
-        b, a = mean_probs(dists[:len(items)]), mean_probs(dists[len(items):])
-        drops = sorted(((t, b.get(t, 0) - a.get(t, 0), b.get(t, 0), a.get(t, 0)) for t in set(a) | set(b)),
-                       key=lambda r: -r[1])[:N_TOKENS]
-        result[name] = [{"token": t, "drop": d, "before": pb, "after": pa} for t, d, pb, pa in drops]
-        md.append(f"\n## {name} prompts ({len(items)})\n\n" + md_table(
-            ["token", "drop", before, after], [[repr(t), d, pb, pa] for t, d, pb, pa in drops]) +
-            f"\n![{name}](tokens_{name}.png)\n")
-        hbars(ctx.out / f"tokens_{name}.png", f"Largest mean probability drops, {name} prompts ({before} → {after})",
-              [repr(t) for t, *_ in drops], [d for _, d, *_ in drops])
-    write_report(ctx, "tokens", result, "".join(md))
+                                                    for p in needed for it in items])
+        mean = {p: mean_probs(dists[i * len(items):(i + 1) * len(items)]) for i, p in enumerate(needed)}
+        for ref, p in pairs:
+            b, a = mean[ref], mean[p]
+            drops = sorted(((t, b.get(t, 0) - a.get(t, 0), b.get(t, 0), a.get(t, 0)) for t in set(a) | set(b)),
+                           key=lambda r: -r[1])[:N_TOKENS]
+            result.setdefault(name, {})[p] = {"reference": ref, "n": len(items), "drops": [
+                {"token": t, "drop": d, "before": pb, "after": pa} for t, d, pb, pa in drops]}
+            chart = f"tokens_{name}_{p}.png"
+            tables.append(f"\n## {p} vs {ref}, {name} prompts ({len(items)})\n\n" + md_table(
+                ["token", "drop", ref, p], [[repr(t), d, pb, pa] for t, d, pb, pa in drops]) + f"\n![{name}]({chart})\n")
+            hbars(ctx.out / chart, f"Largest mean probability drops, {name} prompts ({ref} → {p})",
+                  [repr(t) for t, *_ in drops], [d for _, d, *_ in drops])
+    for ref, p in pairs:
+        hp, gen = result["hp"][p]["drops"], result["generic"][p]["drops"]
+        top = hp[0] if hp else None
+        md.append(f"Under `{p}` (against `{ref}`)" + (
+            f" the HP prompts' largest drop is {top['token']!r} ({top['before']:.3f} → {top['after']:.3f})" if top else "")
+            + f"; the ten largest drops sum to {sum(d['drop'] for d in hp[:10]):.3f} on HP prompts and "
+            f"{sum(d['drop'] for d in gen[:10]):.3f} on generic ones.")
+    text = ("# Tokens whose probability fell most\n\n" + " ".join(md) + "\n\nEach unlearning profile against its own "
+            "reference: `baseline` when it keeps the SAE error, the plain SAE reconstruction otherwise (so the "
+            "reconstruction's own damage is not counted). Mean next-token probability over the prompts (top-"
+            f"{TOP_K} per prompt; tokens outside it count as 0).\n" + "".join(tables))
+    write_report(ctx, "tokens", result, text)
     return result
 
 
@@ -69,7 +111,11 @@ async def loss(ctx: EvalContext) -> dict:
     summary = {p: {"ce": ce[p], "tokens": len(per[p]),
                    "loss_added": None if base is None else ce[p] - base,
                    "loss_added_pct": None if base is None else 100 * (ce[p] - base) / base} for p in ctx.profiles}
-    md = ("# Loss\n\nNext-token cross-entropy (nats/token) on held-out Wikipedia summaries the SAE never saw "
+    reading = "; ".join(f"`{p}` {s['loss_added_pct']:+.2f}%" for p, s in summary.items()
+                        if s["loss_added_pct"] is not None and p != "baseline")
+    md = ("# Loss\n\n" + (f"Against `baseline` ({base:.4f} nats/token over {len(per.get('baseline', []))} tokens), "
+                            f"loss added: {reading}. " if base is not None and reading else "") +
+          "Next-token cross-entropy (nats/token) on held-out Wikipedia summaries the SAE never saw "
           f"({len(docs)} documents), from prompt logprobs.\n\n" +
           md_table(["profile", "CE", "tokens", "loss added", "loss added %"],
                    [[p, s["ce"], s["tokens"], s["loss_added"] if s["loss_added"] is not None else "—",
@@ -112,25 +158,63 @@ def score_trivia(items: list[dict], logits: list[tuple[float, float]]) -> dict:
                          "right_as_A": right[0][i], "right_as_B": right[1][i]} for i, it in enumerate(items)]}
 
 
+def answer_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+async def answer_score(ctx: EvalContext, question: str, answer: str, profile: str) -> float:
+    """The answer's log-likelihood as a continuation of the question, per byte of the answer (lm-eval's
+    acc_norm): no letters, so no position to be biased towards."""
+    lps = await ctx.continuation_logprobs(answer_prompt(question), " " + answer, profile, "trivia")
+    return sum(lps) / len((" " + answer).encode())
+
+
+def score_continuations(items: list[dict], scores: list[float]) -> dict:
+    """scores: per item, (true answer, false answer) -> share of items where the true one scores higher."""
+    right = [scores[2 * i] > scores[2 * i + 1] for i in range(len(items))]
+    return {"continuation_accuracy": sum(right) / len(items) if items else 0.0,
+            "continuation_records": [{"id": it["id"], "true": scores[2 * i], "false": scores[2 * i + 1],
+                                      "right": right[i]} for i, it in enumerate(items)]}
+
+
 async def trivia(ctx: EvalContext) -> dict:
-    result = {"settings": ctx.settings(echo=True, logprobs=0, max_tokens=0), "template": trivia_prompt("{q}", "{a}", "{b}")}
+    result = {"settings": ctx.settings(echo=True, logprobs=0, max_tokens=0),
+              "template": trivia_prompt("{q}", "{a}", "{b}"), "continuation_template": answer_prompt("{q}") + " {answer}"}
     for name in ("hp", "generic"):
         items = load_jsonl(f"{name}_trivia.jsonl", "all", ctx.limit)
         prompts = [trivia_prompt(it["question"], *pair) for it in items
                    for pair in ((it["true"], it["false"]), (it["false"], it["true"]))]
-        logits = await ctx.gather(f"trivia/{name}", [choice_logprobs(ctx, q, p) for p in ctx.profiles for q in prompts])
-        result[name] = {p: score_trivia(items, logits[i * len(prompts):(i + 1) * len(prompts)])
+        logits = await ctx.gather(f"trivia/{name} letters", [choice_logprobs(ctx, q, p) for p in ctx.profiles
+                                                             for q in prompts])
+        scores = await ctx.gather(f"trivia/{name} answers", [answer_score(ctx, it["question"], it[k], p)
+                                                             for p in ctx.profiles for it in items
+                                                             for k in ("true", "false")])
+        n = 2 * len(items)
+        result[name] = {p: score_trivia(items, logits[i * n:(i + 1) * n]) | score_continuations(items, scores[i * n:(i + 1) * n])
                         for i, p in enumerate(ctx.profiles)}
-    rows = [[p] + [result[k][p][m] for k in ("hp", "generic") for m in ("accuracy", "share_a", "both_orders_accuracy")]
-            for p in ctx.profiles]
-    md = ("# Trivia\n\nTwo-choice questions scored by the log-probabilities of ' A' vs ' B', each asked in both "
-          "orders. 'share A' near 1 means position bias; 'both orders' counts a question right only when both "
-          "orders are right (chance: 0.25).\n\n" + md_table(
-              ["profile"] + [f"{k} {m}" for k in ("hp", "generic") for m in ("accuracy", "share A", "both orders")],
-              rows) + "\n![trivia](trivia.png)\n")
-    grouped_bars(ctx.out / "trivia.png", "Trivia (both orders)", ctx.profiles,
+    metrics = ("continuation_accuracy", "both_orders_accuracy", "share_a")
+    rows = [[p] + [result[k][p][m] for k in ("hp", "generic") for m in metrics] for p in ctx.profiles]
+    first = ctx.profiles[0]
+    share_a = result["hp"][first]["share_a"]
+    letter, same = ("A", share_a) if share_a >= 0.5 else ("B", 1 - share_a)
+    reading = (f"Scored as continuations, `{first}` prefers the true answer on "
+               f"{result['hp'][first]['continuation_accuracy']:.0%} of HP and "
+               f"{result['generic'][first]['continuation_accuracy']:.0%} of generic questions; " +
+               "; ".join(f"`{p}`: HP {result['hp'][p]['continuation_accuracy']:.0%}, generic "
+                         f"{result['generic'][p]['continuation_accuracy']:.0%}" for p in ctx.profiles[1:]) +
+               f". The letter format mostly measures position: `{first}` answers '{letter}' {same:.0%} of the "
+               f"time on HP questions (both orders right: {result['hp'][first]['both_orders_accuracy']:.0%}, "
+               f"chance 25%).")
+    md = ("# Trivia\n\n" + reading + "\n\nTwo-choice questions, scored two ways. **Continuation**: each answer's "
+          "log-likelihood after 'Question: …\\nAnswer:', per byte (as lm-eval's acc_norm); right when the true "
+          "answer scores higher (chance 0.5). **Letters** (the 2024 study's format): ' A' vs ' B', each question "
+          "asked in both orders; 'share A' near 1 means position bias; 'both orders' counts a question right only "
+          "when both orders are right (chance 0.25).\n\n" + md_table(
+              ["profile"] + [f"{k} {m}" for k in ("hp", "generic") for m in ("continuation", "letters both orders",
+                                                                             "letters share A")], rows) +
+          "\n![trivia](trivia.png)\n")
+    grouped_bars(ctx.out / "trivia.png", "Trivia", ctx.profiles,
                  {f"{k} {m}": [result[k][p][m] for p in ctx.profiles] for k in ("hp", "generic")
-                  for m in ("both_orders_accuracy", "share_a")}, ylabel="share")
+                  for m in ("continuation_accuracy", "both_orders_accuracy")}, ylabel="share")
     write_report(ctx, "trivia", result, md)
     return result
-

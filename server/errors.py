@@ -6,12 +6,13 @@ from __future__ import annotations
 class ObliviateError(Exception):
     status_code = 400
     type = "invalid_request_error"
-    headers: dict[str, str] = {}
     rejection = True  # refused before any generation (counted as rejected); False: failed while generating
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+        self.headers = {"Retry-After": str(retry_after)} if retry_after else {}
 
     @property
     def reason(self) -> str:
@@ -69,8 +70,7 @@ class Overloaded(ObliviateError):
     type = "rate_limit_error"
 
     def __init__(self, message: str, retry_after: int):
-        super().__init__(message, code="overloaded")
-        self.headers = {"Retry-After": str(retry_after)}
+        super().__init__(message, code="overloaded", retry_after=retry_after)
 
 
 class Unavailable(ObliviateError):
@@ -78,8 +78,7 @@ class Unavailable(ObliviateError):
     type = "server_error"
 
     def __init__(self, message: str):
-        super().__init__(message, code="unavailable")
-        self.headers = {"Retry-After": "10"}
+        super().__init__(message, code="unavailable", retry_after=10)
 
 
 class RequestTimeout(ObliviateError):

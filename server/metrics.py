@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from server.engine.base import Engine
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -25,6 +26,8 @@ class Metrics:
                                          ["profile"], registry=r)
         self.ttft = Histogram("obliviate_time_to_first_token_seconds", "Time to first token",
                               ["profile"], buckets=LATENCY_BUCKETS, registry=r)
+        self.per_token = Histogram("obliviate_time_per_output_token_seconds", "Time per generated token after "
+                                   "the first, per request", ["profile"], buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("obliviate_e2e_request_latency_seconds", "End-to-end request latency",
                              ["profile"], buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("obliviate_requests_running", "Sequences in the running batch", registry=r)

@@ -158,3 +158,29 @@ class ProfileCard(BaseModel):
 class ProfileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ProfileCard]
+
+
+# --- tokenizer endpoints, as vLLM serves them (lm-eval's `tokenizer_backend=remote` uses them) ---
+class TokenizeRequest(OpenAIBaseModel):
+    model: str | None = Field(default=None, max_length=MAX_NAME)
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    _unicode = field_validator("prompt", "model")(_check_unicode)
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = Field(default=None, max_length=MAX_NAME)
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

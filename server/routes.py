@@ -13,7 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.errors import Unauthorized
 from server.keys import OPEN, Access
-from server.protocol import CompletionRequest, ModelList, ProfileList
+from server.protocol import (
+    CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelList, ProfileList, TokenizeRequest, TokenizeResponse,
+)
 from server.serving import CompletionServing
 
 T = TypeVar("T")
@@ -84,6 +86,21 @@ async def list_models(s: Serving, key: Key) -> ModelList:
 @api.get("/v1/profiles")
 async def list_profiles(s: Serving, key: Key) -> ProfileList:
     return s.profiles(key)
+
+
+@api.post("/tokenize")
+async def tokenize(req: TokenizeRequest, s: Serving, key: Key) -> TokenizeResponse:
+    return s.tokenize(req)
+
+
+@api.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, s: Serving, key: Key) -> DetokenizeResponse:
+    return s.detokenize(req)
+
+
+@api.get("/tokenizer_info")
+async def tokenizer_info(s: Serving, key: Key) -> dict:
+    return s.tokenizer_info()
 
 
 @ops.get("/health")

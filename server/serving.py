@@ -25,7 +25,8 @@ from server.metrics import Metrics
 from server.models import ModelInfo
 from server.protocol import (
     CompletionChoice, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse, Logprobs,
-    ModelCard, ModelList, ProfileCard, ProfileList, Usage,
+    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, ProfileCard, ProfileList, TokenizeRequest,
+    TokenizeResponse, Usage,
 )
 from server.settings import Settings
 
@@ -54,6 +55,29 @@ class CompletionServing:
             ProfileCard(name=n, description=s.description, model=s.model, prefix=s.prefix,
                         interventions=[iv.model_dump() for iv in s.interventions], version=s.metadata.version)
             for n, s in self.specs.items() if access.allows(n)])
+
+    # ---- the tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) ----------------------
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        ids = self.tok(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        strs = self.tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_ids(req.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.tok.decode(req.tokens))
+
+    def tokenizer_info(self) -> dict:
+        tok = self.tok
+        info = {"tokenizer_class": type(tok).__name__, "model_max_length": self.max_model_len,
+                "vocab_size": self.model.vocab_size, "chat_template": getattr(tok, "chat_template", None)}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            info[name] = getattr(tok, name, None)
+        return info
+
+    def _check_ids(self, ids: list[int], param: str, what: str = "") -> None:
+        vocab = self.model.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"{what}token ids must be in [0, {vocab})", param=param)
 
     # ---- request -> engine call --------------------------------------------------------------
     def resolve_profile(self, req: CompletionRequest, access: Access = OPEN) -> str:
@@ -108,8 +132,7 @@ class CompletionServing:
             if isinstance(p, str):
                 ids = self._tokens(p)
             else:
-                if any(not 0 <= t < vocab for t in p):
-                    raise InvalidRequest(f"prompt {i}: token ids must be in [0, {vocab})", param="prompt")
+                self._check_ids(p, "prompt", f"prompt {i}: ")
                 ids = list(p[1:] if bos and p[:1] == bos else p)
             ctx = bos + self._prefix_ids[profile]
             total = len(ctx) + len(ids) + req.max_tokens
@@ -216,7 +239,11 @@ class _Run:
             m.aborted.labels(self.profile, aborted).inc()
         m.prompt_tokens.labels(self.profile).inc(self.prompt_tokens)
         m.generation_tokens.labels(self.profile).inc(gen)
-        m.e2e.labels(self.profile).observe(time.perf_counter() - self.t0)
+        now = time.perf_counter()
+        m.e2e.labels(self.profile).observe(now - self.t0)
+        per_choice = max(self.generated.values(), default=0)
+        if self.first_token_at is not None and per_choice > 1:
+            m.per_token.labels(self.profile).observe((now - self.first_token_at) / (per_choice - 1))
         return usage
 
     def ended_by(self, e: BaseException) -> None:
@@ -227,7 +254,15 @@ class _Run:
 
     def _prompt_text(self, index: int) -> str:
         p = self.req.prompts()[index // self.req.n]
-        return p if isinstance(p, str) else self.s.tok.decode(self.prompts[index // self.req.n].prompt_ids)
+        return p if isinstance(p, str) else self.s.tok.decode(p)  # token ids echo as sent (a BOS included)
+
+    def _echoed(self, index: int, prompt_logprobs: list[TokenLogprob] | None) -> list[TokenLogprob]:
+        """The prompt's tokens as the client sent them; the first has no logprob (as in OpenAI and vLLM)."""
+        p = self.req.prompts()[index // self.req.n]
+        lps = list(prompt_logprobs or [])
+        if not isinstance(p, str) and len(p) > len(self.prompts[index // self.req.n].prompt_ids):
+            lps.insert(0, TokenLogprob(p[0]))  # the BOS the client sent (the engine saw it as context)
+        return [TokenLogprob(lps[0].token_id), *lps[1:]] if lps else lps
 
     async def collect(self) -> CompletionResponse:
         got = [_Choice() for _ in range(len(self.prompts) * self.req.n)]
@@ -245,7 +280,7 @@ class _Run:
         choices = []
         for i, c in enumerate(got):
             echo = self._prompt_text(i) if self.req.echo else ""
-            infos = (c.prompt_logprobs or []) + c.tokens if self.req.echo else c.tokens
+            infos = self._echoed(i, c.prompt_logprobs) + c.tokens if self.req.echo else c.tokens
             lp = self.logprobs(infos, 0) if self.req.logprobs is not None else None
             choices.append(CompletionChoice(index=i, text=echo + c.text, logprobs=lp, finish_reason=c.finish_reason))
         usage = self.end(200)

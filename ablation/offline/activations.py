@@ -15,9 +15,12 @@ class _Stop(Exception):
 
 
 @torch.inference_mode()
-def residual_batches(lm, rows: list[list[int]], layers: list[int], batch: int = 16) -> Iterator[tuple[list[int], dict]]:
+def residual_batches(lm, rows: list[list[int]], layers: list[int], batch: int = 16,
+                     desc: str = "activations") -> Iterator[tuple[list[int], dict]]:
     """Yields (row lengths, {layer: [B, S, d] fp32 on the CPU}) for right-padded batches of token rows
-    (blocks.L.hook_resid_post = the output of decoder layer L)."""
+    (blocks.L.hook_resid_post = the output of decoder layer L), with a progress bar (rows, ETA)."""
+    from tqdm import tqdm
+
     grabbed: dict[int, torch.Tensor] = {}
 
     def grab(layer: int):
@@ -28,9 +31,11 @@ def residual_batches(lm, rows: list[list[int]], layers: list[int], batch: int = 
             return x
         return fn
 
-    with residual_hooks(lm.model, {Hookpoint(L, "post"): grab(L) for L in layers}):
+    bar = tqdm(total=len(rows), desc=desc, unit="text", leave=False)
+    with bar, residual_hooks(lm.model, {Hookpoint(L, "post"): grab(L) for L in layers}):
         for i in range(0, len(rows), batch):
             chunk = rows[i:i + batch]
+            bar.update(len(chunk))
             ids, mask = pad_right(chunk)
             try:
                 lm.model.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))

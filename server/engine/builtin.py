@@ -267,19 +267,24 @@ class BuiltinEngine(Engine):
         self._deliver(out)
 
     def _append(self, s: Sequence, info: TokenLogprob) -> ChoiceOutput:
-        """Records one sampled token and says what the choice gained; a max_tokens of 0 takes none."""
-        is_eos = info.token_id in self.eos_ids or s.params.max_tokens == 0
-        if not is_eos:
-            s.generated += 1
+        """Records one sampled token and says what the choice gained; a max_tokens of 0 takes none. An
+        end-of-sequence token ends the choice: it is counted and listed (with its logprob, as vLLM does:
+        lm-eval reads the last token as the generated one) but adds no text."""
+        if s.params.max_tokens == 0:
+            s.finished = True
+            out = ChoiceOutput(s.index, s.text.flush(), [], s.num_prompt_tokens, 0, "length", s.prompt_logprobs)
+            s.prompt_logprobs = None
+            return out
+        is_eos = info.token_id in self.eos_ids
+        s.generated += 1
         delta, hit_stop = s.text.push(None if is_eos else info.token_id)
-        reason = "stop" if (is_eos and s.params.max_tokens) or hit_stop else None
+        reason = "stop" if is_eos or hit_stop else None
         if reason is None and s.generated >= s.params.max_tokens:
             reason = "length"
         if reason:
             delta += s.text.flush()
             s.finished = True
-        out = ChoiceOutput(s.index, delta, [] if is_eos else [info], s.num_prompt_tokens, s.generated, reason,
-                           s.prompt_logprobs)
+        out = ChoiceOutput(s.index, delta, [info], s.num_prompt_tokens, s.generated, reason, s.prompt_logprobs)
         s.prompt_logprobs = None
         return out
 

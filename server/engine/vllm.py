@@ -113,8 +113,6 @@ class VLLMEngine(Engine):
                     raise EngineError("vLLM aborted the request")
                 tokens = _tokens(c.token_ids, c.logprobs, params.logprobs)
                 text, finish = c.text, c.finish_reason
-                if tokens and finish == "stop" and tokens[-1].token_id in self.model.eos_ids:
-                    tokens = tokens[:-1]  # as the built-in engine: the end-of-sequence token is not output
                 if params.max_tokens == 0:  # vLLM takes at least one token: drop it
                     tokens, text, finish = [], "", "length" if ro.finished else None
                 generated += len(tokens)

@@ -53,6 +53,14 @@ def test_trivia_is_computed_from_the_returned_logits(server, tmp_path):
     assert rec["right_as_A"] == (la > lb)
     s = res["hp"]["baseline"]
     assert s["accuracy"] == (sum(r["right_as_A"] + r["right_as_B"] for r in s["records"]) / 4)
+    # the continuation score: the answer's logprobs after the question, per byte
+    q = scoring.answer_prompt(item["question"])
+    lp = c.logprobs_of(q + " " + item["true"], "baseline")[0]
+    start = next(i for i, off in enumerate(lp.offsets) if off >= len(q))
+    expected = sum(lp.logprobs[start:]) / len((" " + item["true"]).encode())
+    rec = s["continuation_records"][0]
+    assert rec["true"] == pytest.approx(expected, abs=1e-5) and rec["right"] == (rec["true"] > rec["false"])
+    assert s["continuation_accuracy"] == sum(r["right"] for r in s["continuation_records"]) / 2
 
 
 class AlwaysA:
@@ -83,11 +91,25 @@ def test_loss_report_baseline_zero_and_sae_costs_loss(server, tmp_path):
     assert s["t_sae_only"]["ce"] > s["baseline"]["ce"] and s["baseline"]["tokens"] == s["t_sae_only"]["tokens"]
 
 
-def test_tokens_report_lists_largest_drops(server, tmp_path):
-    res = run_report(server, scoring.tokens, tmp_path, profiles=["baseline", "t_sae_only"], limit=3)
-    drops = [r["drop"] for r in res["hp"]]
-    assert drops == sorted(drops, reverse=True) and drops[0] > 0
-    assert res["before"] == "baseline" and res["after"] == "t_sae_only"
+def test_tokens_report_compares_each_unlearning_profile_with_its_own_reference(server, tmp_path):
+    res = run_report(server, scoring.tokens, tmp_path, profiles=["baseline", "t_zero", "t_keep_error"], limit=3)
+    # zeroing inside the reconstruction vs the reconstruction; error-preserving vs baseline
+    assert res["pairs"] == [{"reference": "t_sae_only", "profile": "t_zero"},
+                            {"reference": "baseline", "profile": "t_keep_error"}]
+    for p in ("t_zero", "t_keep_error"):
+        drops = [r["drop"] for r in res["hp"][p]["drops"]]
+        assert drops == sorted(drops, reverse=True) and drops[0] > 0
+    md = (tmp_path / "tokens.md").read_text()
+    assert md.splitlines()[2].startswith("Under `t_zero` (against `t_sae_only`)")
+
+
+def test_shipped_profiles_references():
+    from ablation.spec import default_profiles_dir, load_profiles
+
+    specs = {n: s.model_dump() for n, s in load_profiles([default_profiles_dir()], "gemma-3-270m").items()}
+    assert scoring.reference_of("hp_unlearn", specs) == "baseline"  # keeps the SAE error
+    assert scoring.reference_of("hp_unlearn_zero", specs) == "sae_only"  # zeroes inside the reconstruction
+    assert scoring.reference_of("sae_only", specs) is None and scoring.reference_of("prompted", specs) is None
 
 
 def test_server_without_prompt_logprobs_gets_a_clear_message(tmp_path):
@@ -113,10 +135,13 @@ def test_eval_all_cli_writes_every_report(server, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ["completions", "familiarity", "tokens", "loss", "trivia", "robustness"]:
         assert (tmp_path / f"{name}.json").exists() and (tmp_path / f"{name}.md").exists()
-    for png in ["familiarity", "tokens_hp", "loss", "trivia", "robustness"]:
+    for png in ["familiarity", "tokens_hp_t_clamp", "loss", "trivia", "robustness"]:
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
     index = (tmp_path / "index.md").read_text()
     assert "| baseline |" in index and "| t_clamp |" in index
+    for name in ["completions", "familiarity", "tokens", "loss", "trivia", "robustness"]:  # a reading first
+        first = (tmp_path / f"{name}.md").read_text().split("\n\n")[1]
+        assert "`baseline`" in first or "`t_clamp`" in first, (name, first)
 
 
 def test_one_report_into_a_new_directory(server, tmp_path):

@@ -83,16 +83,47 @@ def test_echo_logprobs_return_prompt_logprobs(client, lm):
     lp = r.choices[0].logprobs
     n = len(lm.tokenizer(prompt, add_special_tokens=False).input_ids)
     assert r.choices[0].text == prompt and "".join(lp.tokens) == prompt and len(lp.tokens) == n
-    assert all(v is not None and v <= 0 for v in lp.token_logprobs)
+    assert lp.token_logprobs[0] is None  # as OpenAI and vLLM: nothing predicts the first prompt token
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
     assert lp.text_offset[0] == 0 and lp.text_offset[-1] == prompt.rindex(" dog")
-    assert len(lp.top_logprobs) == n and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert len(lp.top_logprobs) == n and all(len(t) <= 2 for t in lp.top_logprobs[1:])
     # the same token's logprob when generated matches the prompt logprob of " dog"
     gen = complete(client, prompt=prompt[: prompt.rindex(" dog")], max_tokens=1, logprobs=0)
     if gen.choices[0].text == " dog":
         assert abs(gen.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[-1]) < 1e-3
     # the sum differs by profile: that is what the loss eval measures
     other = complete(client, prompt=prompt, echo=True, logprobs=0, max_tokens=0, extra_body={"profile": "t_sae_only"})
-    assert sum(other.choices[0].logprobs.token_logprobs) != sum(lp.token_logprobs)
+    assert sum(other.choices[0].logprobs.token_logprobs[1:]) != sum(lp.token_logprobs[1:])
+
+
+def test_token_id_prompts_echo_as_sent_and_the_generated_token_comes_last(client, lm):
+    """What lm-eval's local-completions relies on: echo of token ids lists exactly those ids (a BOS the
+    client sent included, with no logprob), then the one generated token, even an end-of-sequence."""
+    tok = lm.tokenizer
+    ids = tok("The capital of France is Paris.", add_special_tokens=False).input_ids
+    for sent in (ids, [tok.bos_token_id] + ids):
+        r = complete(client, prompt=sent, echo=True, logprobs=1, max_tokens=1)
+        lp = r.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(sent) + 1 and lp.token_logprobs[0] is None
+        assert lp.tokens[:len(sent)] == [tok.decode([t]) for t in sent]
+        assert all(v is not None for v in lp.token_logprobs[1:])
+    plain = complete(client, prompt=ids, echo=True, logprobs=1, max_tokens=1).choices[0].logprobs
+    bos = complete(client, prompt=[tok.bos_token_id] + ids, echo=True, logprobs=1, max_tokens=1).choices[0].logprobs
+    assert plain.token_logprobs[1:] == pytest.approx(bos.token_logprobs[2:], abs=1e-4)  # the same context
+
+
+def test_tokenize_detokenize_and_tokenizer_info(api_server, lm):
+    url = api_server.url
+    r = httpx.post(url + "/tokenize", json={"prompt": "Hello world", "add_special_tokens": False,
+                                            "return_token_strs": True}).json()
+    assert r["tokens"] == lm.tokenizer("Hello world", add_special_tokens=False).input_ids
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 512 and len(r["token_strs"]) == r["count"]
+    with_bos = httpx.post(url + "/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
+    assert with_bos == [lm.tokenizer.bos_token_id] + r["tokens"]
+    assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "Hello world"}
+    assert error_of(api_server, {"tokens": [-1]}, 400, path="/detokenize")["param"] == "tokens"
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert info["bos_token"] == lm.tokenizer.bos_token and info["eos_token"] == lm.tokenizer.eos_token
 
 
 def test_stop_strings_cut_the_text(client):
@@ -114,8 +145,8 @@ def test_models_and_profiles_listing(client, api_server):
     assert hp["model"] == "gemma-3-270m" and hp["interventions"][0]["hookpoint"] == "blocks.6.hook_resid_post"
 
 
-def error_of(api_server, body, status, raw=None):
-    r = httpx.post(api_server.url + "/v1/completions", content=raw, json=None if raw else body,
+def error_of(api_server, body, status, raw=None, path="/v1/completions"):
+    r = httpx.post(api_server.url + path, content=raw, json=None if raw else body,
                    headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     return r.json()["error"]
