@@ -112,11 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    from ablation.offline.cli import add_features, add_sae
+    from ablation.offline.cli import add_features, add_sae, add_unlearn
     from evals.bench import add_bench
     from evals.cli import add_eval
 
-    return [add_sae, add_features, add_eval, add_bench]
+    return [add_sae, add_features, add_unlearn, add_eval, add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,3 +181,60 @@ def cmd_features_show(args) -> int:
         for c in top_contexts(fa, lm.tokenizer, texts, i, max(args.contexts, 1)):
             print(f"    {c['act']:7.2f}  {c['context']!r}")
     return 0
+
+
+def add_unlearn(sub) -> None:
+    p = sub.add_parser("unlearn", help="from text about a topic to a profile that forgets it (one command)")
+    p.add_argument("name", help="the profile's name (written as OUT/NAME.yaml)")
+    p.add_argument("--forget", type=Path, action="append", required=True,
+                   help="text about the topic: .txt (one text a line) or .jsonl (text); repeatable")
+    p.add_argument("--retain", type=Path, action="append", required=True,
+                   help="text on what must be kept (nearby topics, other fiction…); repeatable, each judged alone")
+    p.add_argument("--dev-prompts", type=Path,
+                   help="JSONL {prompt, answers, set: forget|generic|nearby} to choose the profile by")
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--sae", help="SAE directory or release:sae_id (default: the shipped SAE)")
+    p.add_argument("--out", type=Path, default=Path("profiles"), help="where NAME.yaml goes (default ./profiles)")
+    p.add_argument("--generic-retain", type=int, default=300, help="Wikipedia summaries added to the retain side")
+    p.add_argument("--docs", type=int, default=20, help="held-out documents for the loss")
+    p.add_argument("--scales", default="1", help="clamp values to try, as multiples of each feature's mean "
+                   "activation (comma-separated; default 1)")
+    p.set_defaults(func=cmd_unlearn)
+
+
+def cmd_unlearn(args) -> int:
+    import re
+    import tempfile
+    import time
+
+    from ablation.offline.unlearn import UnlearnError, final_yaml, read_inputs, run, summary
+    from ablation.sae_io import SAELoadError, shipped_sae
+    from server.models import ModelLoadError, load_model
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name):
+        raise CLIError(f"profile name {args.name!r}: use letters, digits, _ . - (at most 64)")
+    try:
+        scales = tuple(float(x) for x in args.scales.split(",") if x)
+    except ValueError:
+        raise CLIError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
+    if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0:
+        raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0 and --scales > 0")
+    t0 = time.perf_counter()
+    try:
+        inputs = read_inputs(args.forget, args.retain, args.dev_prompts)
+        lm = load_model(args.model, device="cpu", dtype="float32")
+        with tempfile.TemporaryDirectory() as work:
+            result = run(lm, args.name, inputs, args.sae or shipped_sae(), Path(work), args.docs, args.generic_retain,
+                         scales)
+    except (UnlearnError, SAELoadError, ModelLoadError) as e:
+        raise CLIError(str(e)) from None
+    print(summary(result))
+    if result["chosen"] is None:
+        raise CLIError("no candidate kept generic ≥ 95% and nearby ≥ 80% of baseline's answers within +2% loss "
+                       "(table above): give retain text closer to what was lost, or more specific forget text")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.name}.yaml"
+    path.write_text(final_yaml(args.name, result, inputs))
+    print(f"\nwrote {path} ({result['rows'][result['chosen']]['k']} features) in {time.perf_counter() - t0:.0f} s; "
+          f"serve it with: obliviate serve --profiles {args.out}")
+    return 0

@@ -57,9 +57,11 @@ def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, 
     return names
 
 
-async def score(url: str, profiles: list[str], n_docs: int) -> dict:
+async def score(url: str, profiles: list[str], sets: dict[str, list[dict]], n_docs: int) -> dict:
+    """Per profile: correct greedy answers in each prompt set ({prompt, answers} items) and CE on n_docs
+    held-out documents, over HTTP."""
     from clients.http import AsyncClient
-    from evals.common import EvalContext, load_jsonl
+    from evals.common import EvalContext
     from evals.generation import score_items, tally
     from evals.scoring import heldout_docs
 
@@ -67,8 +69,7 @@ async def score(url: str, profiles: list[str], n_docs: int) -> dict:
     ctx = EvalContext(client, profiles, Path("."), split="dev")
     rows = {p: {} for p in profiles}
     try:
-        for name in ("hp", "generic", "nearby"):
-            items = load_jsonl(f"{name}_prompts.jsonl", "dev")
+        for name, items in sets.items():
             recs = await score_items(ctx, items, f"dev/{name}", with_prob=False)
             for p in profiles:
                 rows[p][name] = tally(recs[p])["correct"]
@@ -116,7 +117,10 @@ def main() -> None:
     table = ProfileTable(load_profiles(dirs, lm.name), lm.device, lm.dtype)
     with LiveServer(Settings(profiles=dirs), lm, table) as srv:
         profiles = ["baseline"] + [p for p in table.names if p.startswith("c_")]
-        rows = asyncio.run(score(srv.url, profiles, args.docs))
+        from evals.common import load_jsonl
+
+        sets = {name: load_jsonl(f"{name}_prompts.jsonl", "dev") for name in ("hp", "generic", "nearby")}
+        rows = asyncio.run(score(srv.url, profiles, sets, args.docs))
     base = rows["baseline"]
     lines = ["| profile | k | mode | scale | fires above | HP | generic | nearby | CE | CE +% |",
              "|---|---|---|---|---|---|---|---|---|---|"]
