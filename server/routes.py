@@ -90,12 +90,12 @@ async def list_profiles(s: Serving, key: Key) -> ProfileList:
 
 @api.post("/tokenize")
 async def tokenize(req: TokenizeRequest, s: Serving, key: Key) -> TokenizeResponse:
-    return s.tokenize(req)
+    return await asyncio.to_thread(s.tokenize, req)  # off the event loop, as completions
 
 
 @api.post("/detokenize")
 async def detokenize(req: DetokenizeRequest, s: Serving, key: Key) -> DetokenizeResponse:
-    return s.detokenize(req)
+    return await asyncio.to_thread(s.detokenize, req)
 
 
 @api.get("/tokenizer_info")

@@ -126,7 +126,6 @@ class CompletionServing:
     def build(self, req: CompletionRequest, profile: str) -> list[Prompt]:
         """The request's prompts as token ids, checked against the vocabulary and the context length."""
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        vocab = self.model.vocab_size
         out = []
         for i, p in enumerate(req.prompts()):
             if isinstance(p, str):
