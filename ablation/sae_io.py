@@ -16,12 +16,15 @@ def shipped_saes_dir() -> Path:
     return Path(__file__).parent / "saes"
 
 
+DEFAULT_SAE = "gemma-3-270m-res-L6"  # trained with Harry Potter text; -hp-sw: Harry Potter and Star Wars
+
+
 def shipped_sae() -> str:
-    """The one SAE shipped for the default model (a directory)."""
-    found = sorted(p for p in shipped_saes_dir().glob("*") if (p / "cfg.json").exists())
-    if len(found) != 1:
-        raise SAELoadError(f"give an SAE (found {len(found)} shipped SAEs in {shipped_saes_dir()})")
-    return str(found[0])
+    """The default SAE shipped for the default model (a directory)."""
+    path = shipped_saes_dir() / DEFAULT_SAE
+    if not (path / "cfg.json").exists():
+        raise SAELoadError(f"give an SAE: the default {path} is missing")
+    return str(path)
 
 
 def load_sae(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SAE:

@@ -18,6 +18,8 @@ def add_eval(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.add_argument("--limit", type=int, help="at most N items per data set (a quick pass)")
     p.add_argument("--split", choices=["test", "dev", "all"], default="test")
+    p.add_argument("--topic", default="hp", help="what is being forgotten: a shipped topic (hp, sw), several "
+                   "(hp,sw: a profile that forgets them all), or a topic YAML (see evals/data/topics)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--model", help="model name to send (default: the server's default)")
     p.add_argument("--profile-via", choices=["field", "model"], default="field",
@@ -43,16 +45,16 @@ def cmd_eval(args) -> int:
 
 async def run_reports(args, profiles: list[str]) -> dict:
     from clients.http import AsyncClient
-    from evals.common import EvalContext, server_info
+    from evals.common import EvalContext, Topics, server_info
     from evals.summary import write_index
 
     client = AsyncClient(args.server, model=args.model, api_key=args.api_key, profile_via=args.profile_via,
                          concurrency=args.concurrency)
     try:
         args.out.mkdir(parents=True, exist_ok=True)  # charts are written before the report files
-        ctx = EvalContext(client, profiles, args.out, args.limit, args.split)
+        ctx = EvalContext(client, profiles, args.out, args.limit, args.split, Topics.of(args.topic))
         ctx.server_info = await server_info(client, profiles)
-        names = REPORTS if args.report == "all" else [args.report]
+        names = [args.report] if args.report != "all" else [n for n in REPORTS if available(n, ctx.topics)]
         results, timings = {}, {}
         for name in names:
             t0 = time.perf_counter()
@@ -64,6 +66,15 @@ async def run_reports(args, profiles: list[str]) -> dict:
         return results
     finally:
         await client.aclose()
+
+
+def available(report: str, topics) -> bool:
+    """Whether the topics have the data a report needs (`all` skips the others)."""
+    if report == "trivia":
+        return any(t.trivia for t in topics.topics)
+    if report == "robustness":
+        return any(t.robustness for t in topics.topics)
+    return True
 
 
 def report_fn(name: str):

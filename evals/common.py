@@ -1,4 +1,10 @@
-"""What every report shares: the data files, scoring rules, the run context and report writing."""
+"""What every report shares: the data files, the topics being forgotten, scoring rules, the run context
+and report writing.
+
+A topic is a YAML file naming its prompt set, lexicon, trivia and robustness sets, and the nearby prompts
+that must be kept (evals/data/topics/*.yaml ship hp and sw). Several topics at once (`--topic hp,sw`)
+measure a profile that forgets them all: one forget set per topic, and a nearby set without anything
+about any of them."""
 
 from __future__ import annotations
 
@@ -10,28 +16,102 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from clients.http import APIError, AsyncClient
 
 DATA = Path(__file__).parent / "data"
+TOPICS = DATA / "topics"
 
 
 class EvalError(RuntimeError):
     """A report that cannot run against this server; the message names the report and why."""
 
 
-def load_jsonl(name: str, split: str = "all", limit: int | None = None) -> list[dict]:
+def load_jsonl(name: str | Path, split: str = "all", limit: int | None = None) -> list[dict]:
     rows = [json.loads(ln) for ln in (DATA / name).read_text().splitlines() if ln.strip()]
     if split != "all":
         rows = [r for r in rows if r.get("split", split) == split]
     return rows[:limit] if limit else rows
 
 
-def lexicon() -> re.Pattern:
-    words = [w.strip() for w in (DATA / "hp_lexicon.txt").read_text().splitlines()
-             if w.strip() and not w.startswith("#")]
-    return re.compile(r"\b(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + r")\b", re.I)
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    title: str
+    prompts: Path
+    lexicon: Path
+    nearby: tuple[Path, ...]
+    trivia: Path | None = None
+    robustness: Path | None = None
+
+
+def read_topic(ref: str) -> Topic:
+    """A shipped topic's name (hp, sw) or a path to a topic YAML."""
+    path = Path(ref) if ref.endswith((".yaml", ".yml")) else TOPICS / f"{ref}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in TOPICS.glob("*.yaml")))
+        raise EvalError(f"unknown topic {ref!r}: use one of {shipped} or a topic YAML file")
+    try:
+        spec = yaml.safe_load(path.read_text())
+        files = {k: (path.parent / spec[k]).resolve() if spec.get(k) else None
+                 for k in ("prompts", "lexicon", "trivia", "robustness")}
+        nearby = tuple((path.parent / f).resolve() for f in spec.get("nearby") or [])
+        topic = Topic(str(spec["name"]), str(spec.get("title") or spec["name"]), files["prompts"], files["lexicon"],
+                      nearby, files["trivia"], files["robustness"])
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise EvalError(f"{path}: a topic needs name, prompts and lexicon ({type(e).__name__}: {e})") from None
+    missing = [str(f) for f in (topic.prompts, topic.lexicon, topic.trivia, topic.robustness, *topic.nearby)
+               if f is not None and not f.is_file()]
+    if missing:
+        raise EvalError(f"{path}: file(s) not found: {', '.join(missing)}")
+    return topic
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics being forgotten, together."""
+    topics: tuple[Topic, ...]
+
+    @classmethod
+    def of(cls, refs: str) -> "Topics":
+        topics = tuple(read_topic(r.strip()) for r in refs.split(",") if r.strip())
+        if not topics:
+            raise EvalError("need at least one topic")
+        return cls(topics)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.topics]
+
+    @property
+    def title(self) -> str:
+        return " + ".join(t.title for t in self.topics)
+
+    def forget_sets(self, split: str, limit: int | None) -> dict[str, list[dict]]:
+        return {t.name: load_jsonl(t.prompts, split, limit) for t in self.topics}
+
+    def _kept(self, items: list[dict]) -> list[dict]:
+        return [it for it in items if it.get("about") not in self.names]
+
+    def nearby(self, split: str, limit: int | None) -> list[dict]:
+        """Every topic's nearby prompts, without the files and items about a topic being forgotten."""
+        own = {t.prompts for t in self.topics}
+        files = list(dict.fromkeys(f for t in self.topics for f in t.nearby if f not in own))
+        items = self._kept([it for f in files for it in load_jsonl(f, split)])
+        return items[:limit] if limit else items
+
+    def lexicon(self) -> re.Pattern:
+        words = [w.strip() for t in self.topics for w in t.lexicon.read_text().splitlines()
+                 if w.strip() and not w.startswith("#")]
+        return re.compile(r"\b(" + "|".join(map(re.escape, sorted(set(words), key=len, reverse=True))) + r")\b", re.I)
+
+    def trivia(self, limit: int | None) -> dict[str, list[dict]]:
+        return {t.name: load_jsonl(t.trivia, "all", limit) for t in self.topics if t.trivia}
+
+    def robustness(self) -> list[dict]:
+        return self._kept([it for t in self.topics if t.robustness for it in load_jsonl(t.robustness)])
 
 
 def is_correct(text: str, answers: list[str]) -> bool:
@@ -45,6 +125,7 @@ class EvalContext:
     out: Path
     limit: int | None = None
     split: str = "test"
+    topics: Topics = field(default_factory=lambda: Topics.of("hp"))
     server_info: dict = field(default_factory=dict)
 
     async def gather(self, desc: str, coros: list) -> list:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 
 from evals.charts import grouped_bars
-from evals.common import EvalContext, is_correct, lexicon, load_jsonl, md_table, write_report
+from evals.common import EvalContext, EvalError, is_correct, load_jsonl, md_table, write_report
 
 MAX_TOKENS = 10
 
 
 async def score_items(ctx: EvalContext, items: list[dict], desc: str, with_prob: bool = True) -> dict:
-    """Per profile and item: the greedy completion, whether it is correct, whether it mentions HP,
-    and the probability of the first token of the first accepted answer."""
-    lex = lexicon()
+    """Per profile and item: the greedy completion, whether it is correct, whether it mentions a topic
+    being forgotten (its lexicon), and the probability of the first token of the first accepted answer."""
+    lex = ctx.topics.lexicon()
     jobs = [(p, it) for p in ctx.profiles for it in items]
     texts = await ctx.gather(f"{desc}: completions", [ctx.greedy(it["prompt"], p, MAX_TOKENS) for p, it in jobs])
     probs = [None] * len(jobs)
@@ -24,7 +24,7 @@ async def score_items(ctx: EvalContext, items: list[dict], desc: str, with_prob:
     records: dict[str, list[dict]] = {p: [] for p in ctx.profiles}
     for (p, it), text, prob in zip(jobs, texts, probs):
         records[p].append({"id": it["id"], "prompt": it["prompt"], "answers": it["answers"], "completion": text,
-                           "correct": is_correct(text, it["answers"]), "mentions_hp": bool(lex.search(text)),
+                           "correct": is_correct(text, it["answers"]), "mentions_topic": bool(lex.search(text)),
                            "answer_prob": prob, **{k: it[k] for k in ("set", "lang", "domain") if k in it}})
     return records
 
@@ -34,12 +34,13 @@ def tally(records: list[dict]) -> dict:
     probs = [r["answer_prob"] for r in records if r["answer_prob"] is not None]
     return {"n": len(records), "correct": sum(r["correct"] for r in records),
             "correct_rate": sum(r["correct"] for r in records) / n,
-            "mention_rate": sum(r["mentions_hp"] for r in records) / n,
+            "mention_rate": sum(r["mentions_topic"] for r in records) / n,
             "mean_answer_prob": sum(probs) / len(probs) if probs else None}
 
 
-def reading(profiles: list[str], summary: dict, what: str) -> str:
-    """One paragraph that reads the table: correct answers per prompt set, each profile against the first."""
+def reading(profiles: list[str], summary: dict, what: str, forget: list[str]) -> str:
+    """One paragraph that reads the table: correct answers per prompt set, each profile against the first;
+    `forget`: the sets of the topics being forgotten."""
     first = profiles[0]
     sets = list(summary)
     count = lambda k, p: f"{summary[k][p]['correct']}/{summary[k][p]['n']}"  # noqa: E731
@@ -48,12 +49,13 @@ def reading(profiles: list[str], summary: dict, what: str) -> str:
              + " correctly"]
     for p in profiles[1:]:
         parts.append(f"`{p}`: " + ", ".join(f"{k} {count(k, p)}" for k in sets))
-    hp = {p: summary["hp"][p]["correct_rate"] for p in profiles} if "hp" in summary else {}
-    if hp and len(profiles) > 1:
-        best = min(profiles[1:], key=lambda p: hp[p])
-        kept = [f"{k} {summary[k][best]['correct_rate']:.0%} of answers vs {summary[k][first]['correct_rate']:.0%}"
-                for k in sets if k != "hp"]
-        parts.append(f"the fewest HP answers are left under `{best}` ({hp[best]:.0%} vs {hp[first]:.0%})"
+    forget = [k for k in forget if k in summary]
+    if forget and len(profiles) > 1:
+        rate = lambda k, p: f"{summary[k][p]['correct_rate']:.0%}"  # noqa: E731
+        best = min(profiles[1:], key=lambda p: sum(summary[k][p]["correct_rate"] for k in forget))
+        kept = [f"{k} {rate(k, best)} of answers vs {rate(k, first)}" for k in sets if k not in forget]
+        parts.append(f"the fewest {'/'.join(forget)} answers are left under `{best}` ("
+                     + ", ".join(f"{k} {rate(k, best)} vs {rate(k, first)}" for k in forget) + ")"
                      + (", with " + ", ".join(kept) if kept else ""))
     return "; ".join(parts) + "."
 
@@ -69,11 +71,11 @@ def robustness_reading(profiles: list[str], leak: dict, summary: dict) -> str:
 
 
 async def completions(ctx: EvalContext) -> dict:
-    sets = {"hp": load_jsonl("hp_prompts.jsonl", ctx.split, ctx.limit),
+    sets = {**ctx.topics.forget_sets(ctx.split, ctx.limit),
             "generic": load_jsonl("generic_prompts.jsonl", ctx.split, ctx.limit)}
     out = {k: await score_items(ctx, v, f"completions/{k}", with_prob=False) for k, v in sets.items()}
     summary = {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in out.items()}
-    md = ["# Completions\n\n", reading(ctx.profiles, summary, "Greedy completions") + "\n\n",
+    md = ["# Completions\n\n", reading(ctx.profiles, summary, "Greedy completions", ctx.topics.names) + "\n\n",
           f"Greedy, {MAX_TOKENS} new tokens. ✓ = an accepted answer appears.\n"]
     for k, recs in out.items():
         md.append(f"\n## {k} prompts\n")
@@ -88,21 +90,23 @@ async def completions(ctx: EvalContext) -> dict:
 
 
 async def familiarity(ctx: EvalContext) -> dict:
-    sets = {"hp": load_jsonl("hp_prompts.jsonl", ctx.split, ctx.limit),
+    sets = {**ctx.topics.forget_sets(ctx.split, ctx.limit),
             "generic": load_jsonl("generic_prompts.jsonl", ctx.split, ctx.limit),
-            "nearby": load_jsonl("nearby_prompts.jsonl", ctx.split, ctx.limit)}
+            "nearby": ctx.topics.nearby(ctx.split, ctx.limit)}
     recs = {k: await score_items(ctx, v, f"familiarity/{k}") for k, v in sets.items()}
     summary = {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in recs.items()}
     rows = [[p] + [summary[k][p][m] for k in sets for m in ("correct_rate", "mention_rate", "mean_answer_prob")]
             for p in ctx.profiles]
-    header = ["profile"] + [f"{k} {m}" for k in sets for m in ("correct", "mentions HP", "P(answer)")]
-    md = ("# Familiarity\n\n" + reading(ctx.profiles, summary, "Familiarity") + "\n\nShare of prompts answered correctly (an accepted answer in the greedy "
-          f"{MAX_TOKENS}-token completion), share of completions that mention Harry Potter (lexicon), and the "
+    header = ["profile"] + [f"{k} {m}" for k in sets for m in ("correct", "mentions topic", "P(answer)")]
+    md = ("# Familiarity\n\n" + reading(ctx.profiles, summary, "Familiarity", ctx.topics.names) +
+          "\n\nShare of prompts answered correctly (an accepted answer in the greedy "
+          f"{MAX_TOKENS}-token completion), share of completions that mention {ctx.topics.title} (lexicon), and the "
           "mean probability of the accepted answer's first token.\n\n" + md_table(header, rows) +
           "\n![familiarity](familiarity.png)\n")
     grouped_bars(ctx.out / "familiarity.png", "Familiarity by profile", ctx.profiles,
                  {f"{k} correct": [summary[k][p]["correct_rate"] for p in ctx.profiles] for k in sets}
-                 | {"hp mentions": [summary["hp"][p]["mention_rate"] for p in ctx.profiles]}, ylabel="share")
+                 | {f"{k} mentions": [summary[k][p]["mention_rate"] for p in ctx.profiles] for k in ctx.topics.names},
+                 ylabel="share")
     result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "summary": summary, "records": recs}
     write_report(ctx, "familiarity", result, md)
     return result
@@ -112,7 +116,9 @@ ADVERSARIAL = ("paraphrase", "language", "jailbreak", "relearning")
 
 
 async def robustness(ctx: EvalContext) -> dict:
-    items = load_jsonl("robustness.jsonl", "all", None)
+    items = ctx.topics.robustness()
+    if not items:
+        raise EvalError(f"the robustness report needs a robustness set: topic {ctx.topics.title} has none")
     sets = sorted({it["set"] for it in items})
     by_set = {s: [it for it in items if it["set"] == s][: ctx.limit] for s in sets}
     recs = {s: await score_items(ctx, v, f"robustness/{s}") for s, v in by_set.items()}

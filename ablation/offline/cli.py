@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from server.errors import CLIError
@@ -24,12 +25,19 @@ def add_sae(sub) -> None:
     t.add_argument("--width", type=int, default=4096)
     t.add_argument("--k", type=int, default=32)
     t.add_argument("--generic-tokens", type=int, default=800_000)
-    t.add_argument("--hp-repeat", type=int, default=4)
+    t.add_argument("--topic", type=Path, action="append",
+                   help="text about a topic the SAE must have features for: .txt (one text a line) or .jsonl "
+                        "(text); repeatable (default: the shipped Harry Potter text)")
+    t.add_argument("--sample-prompts", type=Path, action="append",
+                   help="prompts about the topics (.txt one a line, or .jsonl prompt) whose sampled continuations "
+                        "join the topic text; repeatable (default: the shipped Harry Potter openings)")
+    t.add_argument("--topic-repeat", type=int, default=4, help="times the topic text is repeated in the mix")
     t.add_argument("--samples-per-prompt", type=int, default=4)
     t.add_argument("--epochs", type=int, default=2)
     t.add_argument("--eval-docs", type=int, default=120)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--ship-layer", type=int, help="ship this layer instead of the rule's pick")
+    t.add_argument("--name", help="the SAE folder's name (default MODEL-res-L<layer>)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("saes"),
                    help="where the SAE folder is written (default ./saes; the shipped one is ablation/saes)")
@@ -41,18 +49,28 @@ def cmd_sae_train(args) -> int:
     import json
 
     from ablation.offline.corpus import CorpusError
-    from ablation.offline.train import TrainConfig, run
+    from ablation.offline.train import TrainConfig, mix_key, run
+    from ablation.offline.unlearn import UnlearnError, read_files
 
+    files = {}
+    for flag, paths, what in (("topic_files", args.topic, "topic"), ("prompt_files", args.sample_prompts, "prompt")):
+        if paths:
+            try:
+                read_files(paths, what)  # every file exists and holds text
+            except UnlearnError as e:
+                raise CLIError(str(e)) from None
+            files[flag] = [str(p) for p in paths]
     cfg = TrainConfig(layers=args.layers, width=args.width, k=args.k, generic_tokens=args.generic_tokens,
-                      hp_repeat=args.hp_repeat, samples_per_prompt=args.samples_per_prompt, epochs=args.epochs,
-                      seed=args.seed, eval_docs=args.eval_docs, lr=args.lr)
-    if not cfg.layers or min(cfg.layers) < 0 or cfg.width < 1 or not 0 < cfg.k <= cfg.width:
-        raise CLIError("need --layers ≥ 0, --width ≥ 1 and 0 < --k ≤ --width")
+                      topic_repeat=args.topic_repeat, samples_per_prompt=args.samples_per_prompt, epochs=args.epochs,
+                      seed=args.seed, eval_docs=args.eval_docs, lr=args.lr, **files)
+    if not cfg.layers or min(cfg.layers) < 0 or cfg.width < 1 or not 0 < cfg.k <= cfg.width or cfg.topic_repeat < 0:
+        raise CLIError("need --layers ≥ 0, --width ≥ 1, 0 < --k ≤ --width and --topic-repeat ≥ 0")
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,96}", args.name):
+        raise CLIError(f"--name {args.name!r}: use letters, digits, _ . - (at most 96)")
     if args.ship_layer is not None and args.ship_layer not in cfg.layers:
         raise CLIError(f"--ship-layer {args.ship_layer} is not one of --layers {cfg.layers}")
     try:
-        mix_key = f"{args.model}-seed{cfg.seed}-g{cfg.generic_tokens}-r{cfg.hp_repeat}-s{cfg.samples_per_prompt}"
-        card = run(cfg, args.model, args.out, args.work_dir / mix_key, args.ship_layer)
+        card = run(cfg, args.model, args.out, args.work_dir / mix_key(cfg, args.model), args.ship_layer, args.name)
     except CorpusError as e:
         raise CLIError(str(e)) from None
     print(json.dumps({k: v for k, v in card.items() if k not in ("config", "compared")}, indent=2))
@@ -60,6 +78,7 @@ def cmd_sae_train(args) -> int:
 
 
 DATA = Path(__file__).parent / "data"
+FICTION = [DATA / "fiction_retain.txt", DATA / "fiction_sw.txt"]  # other fiction, Star Wars included: HP's retain side
 
 
 def add_features(sub) -> None:
@@ -78,7 +97,8 @@ def add_features(sub) -> None:
             q.set_defaults(func=cmd_features_show)
             continue
         q.add_argument("--forget", type=Path, action="append", help=".txt (one text a line) or .jsonl")
-        q.add_argument("--retain", type=Path, action="append", help="retain set (repeatable; each file is judged on its own)")
+        q.add_argument("--retain", type=Path, action="append", help="retain set (repeatable; each file is judged on its "
+                       "own; default: the shipped other fiction as one set)")
         q.add_argument("--generic-retain", type=int, default=300, help="also retain N Wikipedia summaries (0: none)")
         q.add_argument("--method", choices=["dsg", "firing", "ceiling"], default="dsg")
         q.add_argument("--top", type=int, default=20)
@@ -135,7 +155,8 @@ def cmd_features_discover(args) -> int:
         raise CLIError("need --fires-above ≥ 0 and --k ≥ 1")
     forget = _texts(args.forget, [DATA / "hp_topic.txt"])
     try:
-        sets = retain_sets([_texts([p], []) for p in args.retain or [DATA / "fiction_retain.txt"]], args.generic_retain)
+        given = [_texts([p], []) for p in args.retain or []] or [_texts(FICTION, [])]
+        sets = retain_sets(given, args.generic_retain)
     except corpus.CorpusError as e:
         raise CLIError(str(e)) from None
     lm, sae, ref, hookpoint, layer = _setup(args)
@@ -172,7 +193,7 @@ def cmd_features_show(args) -> int:
     bad = [i for i in args.ids if not 0 <= i < sae.cfg.d_sae]
     if bad:
         raise CLIError(f"feature ids must be in [0, {sae.cfg.d_sae}); got {bad}")
-    texts = _texts(args.texts, [DATA / "hp_topic.txt", DATA / "fiction_retain.txt"])
+    texts = _texts(args.texts, [DATA / "hp_topic.txt", *FICTION])
     fa = feature_acts(lm, sae, texts, layer)
     for i in args.ids:
         col = fa.acts[:, i]
@@ -187,7 +208,8 @@ def add_unlearn(sub) -> None:
     p = sub.add_parser("unlearn", help="from text about a topic to a profile that forgets it (one command)")
     p.add_argument("name", help="the profile's name (written as OUT/NAME.yaml)")
     p.add_argument("--forget", type=Path, action="append", required=True,
-                   help="text about the topic: .txt (one text a line) or .jsonl (text); repeatable")
+                   help="text about the topic: .txt (one text a line) or .jsonl (text); repeatable: each file is "
+                        "a topic (its features ranked on their own), so one profile can forget several")
     p.add_argument("--retain", type=Path, action="append", required=True,
                    help="text on what must be kept (nearby topics, other fiction…); repeatable, each judged alone")
     p.add_argument("--dev-prompts", type=Path,
@@ -199,16 +221,22 @@ def add_unlearn(sub) -> None:
     p.add_argument("--docs", type=int, default=20, help="held-out documents for the loss")
     p.add_argument("--scales", default="1", help="clamp values to try, as multiples of each feature's mean "
                    "activation (comma-separated; default 1)")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="then run every eval report (test split) for baseline and NAME into DIR (needs --topic)")
+    p.add_argument("--topic", help="the eval topic(s) for --report: hp, sw, hp,sw or a topic YAML")
+    p.add_argument("--report-limit", type=int, help="at most N items per report data set (a quick pass)")
     p.set_defaults(func=cmd_unlearn)
 
 
 def cmd_unlearn(args) -> int:
-    import re
     import tempfile
     import time
 
-    from ablation.offline.unlearn import UnlearnError, final_yaml, read_inputs, run, summary
+    import yaml
+
+    from ablation.offline.unlearn import UnlearnError, final_yaml, read_inputs, report, run, summary
     from ablation.sae_io import SAELoadError, shipped_sae
+    from ablation.spec import ProfileError
     from server.models import ModelLoadError, load_model
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name):
@@ -219,6 +247,16 @@ def cmd_unlearn(args) -> int:
         raise CLIError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
     if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0:
         raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0 and --scales > 0")
+    if args.report and not args.topic:
+        raise CLIError("--report needs --topic: the eval topic's prompts and lexicon (hp, sw, hp,sw or a topic YAML)")
+    if args.report_limit is not None and args.report_limit < 1:
+        raise CLIError("need --report-limit ≥ 1")
+    if args.topic:
+        from evals.common import EvalError, Topics
+        try:
+            Topics.of(args.topic)
+        except EvalError as e:
+            raise CLIError(f"--topic: {e}") from None
     t0 = time.perf_counter()
     try:
         inputs = read_inputs(args.forget, args.retain, args.dev_prompts)
@@ -226,7 +264,7 @@ def cmd_unlearn(args) -> int:
         with tempfile.TemporaryDirectory() as work:
             result = run(lm, args.name, inputs, args.sae or shipped_sae(), Path(work), args.docs, args.generic_retain,
                          scales)
-    except (UnlearnError, SAELoadError, ModelLoadError) as e:
+    except (UnlearnError, SAELoadError, ModelLoadError, ProfileError) as e:
         raise CLIError(str(e)) from None
     print(summary(result))
     if result["chosen"] is None:
@@ -234,7 +272,18 @@ def cmd_unlearn(args) -> int:
                        "(table above): give retain text closer to what was lost, or more specific forget text")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name}.yaml"
-    path.write_text(final_yaml(args.name, result, inputs))
-    print(f"\nwrote {path} ({result['rows'][result['chosen']]['k']} features) in {time.perf_counter() - t0:.0f} s; "
+    text = final_yaml(args.name, result, inputs)
+    path.write_text(text)
+    n = len(yaml.safe_load(text)["interventions"][0]["edits"])
+    print(f"\nwrote {path} ({n} features) in {time.perf_counter() - t0:.0f} s; "
           f"serve it with: obliviate serve --profiles {args.out}")
+    if args.report:
+        from clients.http import APIError
+        from evals.common import EvalError
+        try:
+            index = report(lm, args.name, args.out, args.topic, args.report, args.report_limit)
+        except (EvalError, APIError, ProfileError) as e:
+            raise CLIError(f"{path} was written, but the reports failed: {e}") from None
+        print(f"\nreports for baseline and {args.name} ({args.topic}, test split) in {args.report}:\n{index.read_text()}"
+              f"\nin {time.perf_counter() - t0:.0f} s in all")
     return 0

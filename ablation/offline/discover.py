@@ -125,6 +125,8 @@ def profile_yaml(name: str, model: str, sae_ref: str, hookpoint: str, features: 
     for e, f in zip(edits, features):
         if "fires_above" in f or fires_above:
             e["fires_above"] = round(f.get("fires_above", fires_above * f["mean_when_active"]), 3)
+    if Path(sae_ref).is_dir():  # a profile resolves a relative path from its own folder, not the cwd
+        sae_ref = str(Path(sae_ref).resolve())
     spec = {"name": name, "description": note, "model": model,
             "interventions": [{"hookpoint": hookpoint, "sae": sae_ref, "keep_error": keep_error,
                                "condition": condition, "edits": edits}],

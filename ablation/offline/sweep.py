@@ -38,7 +38,8 @@ def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, 
     hook = sae.cfg.metadata.hook_name
     layer = int(hook.split(".")[1])
     forget = corpus.paragraphs("hp_topic.txt")
-    retain = [feature_acts(lm, sae, t, layer) for t in retain_sets([read_texts(DATA / "fiction_retain.txt")], 300)]
+    fiction = read_texts(DATA / "fiction_retain.txt") + read_texts(DATA / "fiction_sw.txt")
+    retain = [feature_acts(lm, sae, t, layer) for t in retain_sets([fiction], 300)]
     ranking = rank(feature_acts(lm, sae, forget, layer), retain, method, top=max(ks))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ranking.json").write_text(json.dumps(ranking, indent=2))

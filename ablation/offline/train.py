@@ -1,7 +1,8 @@
 """`obliviate sae train`: a TopK SAE on one residual-stream layer of the served model, with sae_lens.
 
 Steps (each resumable: the token mix and activation shards are cached under --work-dir):
-  1. mix: generic Wikipedia summaries + HP topic text (own text + sampled continuations) repeated
+  1. mix: generic Wikipedia summaries + topic text (files of text about each topic the SAE must have
+     features for, plus the model's sampled continuations of prompts about them), repeated
   2. collect: residual activations at every compared layer in one pass (BOS excluded, the forward
      stops after the deepest layer: the 262k-token unembedding is never run)
   3. train: sae_lens's TopKTrainingSAE + SAETrainer on normalised activations; the trainer folds the
@@ -12,6 +13,7 @@ Never imported by the server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from ablation.offline import corpus
 from ablation.offline.activations import residual_batches
+from ablation.offline.discover import read_texts
 
 log = logging.getLogger("obliviate.train")
 
@@ -35,7 +38,10 @@ class TrainConfig:
     k: int = 32
     ctx_len: int = 128
     generic_tokens: int = 800_000
-    hp_repeat: int = 4
+    topic_repeat: int = 4
+    # text about the topics the SAE must have features for, and prompts whose sampled continuations join it
+    topic_files: list[str] = field(default_factory=lambda: [str(corpus.DATA / "hp_topic.txt")])
+    prompt_files: list[str] = field(default_factory=lambda: [str(corpus.DATA / "hp_sampling_prompts.txt")])
     samples_per_prompt: int = 4
     epochs: int = 2
     batch_size: int = 4096
@@ -61,15 +67,17 @@ def build_mix(lm, cfg: TrainConfig, work: Path) -> dict:
         return json.loads(path.read_text())
     generic = [t for _, t in corpus.wiki_summaries("train")]
     random.Random(cfg.seed).shuffle(generic)
-    samples = (corpus.sample_continuations(lm, corpus.sampling_prompts("hp"), cfg.samples_per_prompt, seed=cfg.seed)
-               if cfg.samples_per_prompt else [])
-    topic = corpus.paragraphs("hp_topic.txt") + samples
+    prompts = [p for f in cfg.prompt_files for p in read_texts(f)]
+    samples = (corpus.sample_continuations(lm, prompts, cfg.samples_per_prompt, seed=cfg.seed)
+               if cfg.samples_per_prompt and prompts else [])
+    topic = [t for f in cfg.topic_files for t in read_texts(f)] + samples
     g = token_chunks(lm.tokenizer, generic, cfg.ctx_len, cfg.generic_tokens)
     h = token_chunks(lm.tokenizer, topic, cfg.ctx_len)
-    chunks = g + h * cfg.hp_repeat
+    chunks = g + h * cfg.topic_repeat
     random.Random(cfg.seed + 1).shuffle(chunks)
     mix = {"chunks": chunks, "generic_tokens": len(g) * (cfg.ctx_len - 1),
-           "topic_tokens": len(h) * (cfg.ctx_len - 1), "hp_repeat": cfg.hp_repeat, "hp_samples": len(samples)}
+           "topic_tokens": len(h) * (cfg.ctx_len - 1), "topic_repeat": cfg.topic_repeat, "topic_samples": len(samples),
+           "topic_files": [Path(f).name for f in cfg.topic_files], "prompt_files": [Path(f).name for f in cfg.prompt_files]}
     work.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(mix))
     return mix
@@ -186,7 +194,17 @@ def pick_layer(cards: list[dict], ship_layer: int | None = None) -> dict:
     return min(ok, key=lambda c: c["layer"]) if ok else max(cards, key=lambda c: c["ce_loss_recovered"])
 
 
-def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | None = None) -> dict:
+def mix_key(cfg: TrainConfig, model: str) -> str:
+    """The cache folder name of a token mix: changes with anything that changes the mix, file contents included."""
+    h = hashlib.sha256()
+    for f in cfg.topic_files + ["--"] + cfg.prompt_files:
+        h.update(Path(f).read_bytes() if f != "--" else b"--")
+    return (f"{Path(model).name}-seed{cfg.seed}-g{cfg.generic_tokens}-r{cfg.topic_repeat}-s{cfg.samples_per_prompt}"
+            f"-c{cfg.ctx_len}-{h.hexdigest()[:12]}")
+
+
+def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | None = None,
+        name: str | None = None) -> dict:
     from ablation.offline.card import activation_stats, card_markdown, ce_numbers
     from server.models import load_model
 
@@ -208,10 +226,12 @@ def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | N
         log.info("layer %d: %s", layer, cards[layer])
     best = pick_layer(list(cards.values()), ship_layer)
     layer = best["layer"]
-    path = out / f"{Path(model).name}-res-L{layer}"
+    path = out / (name or f"{Path(model).name}-res-L{layer}")
     card = {"model": lm.hf_name, "served_name": model, "architecture": "topk", "width": cfg.width, "k": cfg.k,
-            "tokens_seen": int(mix["generic_tokens"] + mix["topic_tokens"] * cfg.hp_repeat) * cfg.epochs,
-            "text_mix": {k: v for k, v in mix.items() if k != "chunks"}, "config": asdict(cfg),
+            "tokens_seen": int(mix["generic_tokens"] + mix["topic_tokens"] * cfg.topic_repeat) * cfg.epochs,
+            "text_mix": {k: v for k, v in mix.items() if k != "chunks"},
+            "config": {**asdict(cfg), "topic_files": mix["topic_files"], "prompt_files": mix["prompt_files"]},
+            "name": name,
             **best, "compared": list(cards.values()),
             "timings_s": {**times, "total_s": time.perf_counter() - t0}, "machine": _machine()}
     card = _save(saes[layer], path, card, lm, layer, rows, held_acts[layer])

@@ -5,12 +5,14 @@ to a profile that forgets it.
    repeat it, dev prompts with a `forget` and a `generic` set.
 2. The SAE's features are ranked by the ceiling method (discover.py): how often a feature fires on the
    forget text above the highest activation it reaches on any retain set (each file judged on its own,
-   plus Wikipedia summaries); that activation becomes its `fires_above`.
-3. Candidates, the recipe of the shipped `hp_unlearn`: the top k features (k in KS), clamped negative for
-   the rest of the sequence once one fires, SAE error kept. Each is served and scored on the dev prompts
+   plus Wikipedia summaries); that activation becomes its `fires_above`. Each forget file is a topic,
+   ranked on its own, so one profile can forget several topics (one intervention, every topic's features).
+3. Candidates, the recipe of the shipped `hp_unlearn`: the top k features of each topic (k in KS), clamped
+   negative for the rest of the sequence once one fires, SAE error kept. Each is served and scored on the dev prompts
    (greedy answers per set) and on cross-entropy over held-out text.
 4. The candidate with the fewest forget answers among those keeping generic >= 95% and nearby >= 80% of
-   baseline's answers and adding <= 2% loss is written as NAME.yaml, with its numbers in the notes.
+   baseline's answers and adding <= 2% loss (on a tie, the one with more features) is written as
+   NAME.yaml, with its numbers in the notes.
    Without dev prompts: the largest k within the loss bound.
 """
 
@@ -33,12 +35,12 @@ class UnlearnError(ValueError):
 
 @dataclass
 class Inputs:
-    forget: list[str]
+    forget: list[list[str]]  # one list per forget file: a topic each
     retain: list[list[str]]  # one list per retain file
     dev: dict[str, list[dict]] | None  # set -> [{prompt, answers}]
 
 
-def _read(paths: list[Path], what: str) -> list[list[str]]:
+def read_files(paths: list[Path], what: str) -> list[list[str]]:
     from ablation.offline.discover import read_texts
 
     out = []
@@ -49,6 +51,8 @@ def _read(paths: list[Path], what: str) -> list[list[str]]:
             out.append(read_texts(p))
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
             raise UnlearnError(f"{p}: cannot read {what} texts ({type(e).__name__}: {e})") from None
+        if not out[-1]:
+            raise UnlearnError(f"{p}: no {what} text in it (one text a line; lines starting with # are comments)")
     return out
 
 
@@ -73,12 +77,14 @@ def read_dev(path: Path) -> dict[str, list[dict]]:
 
 
 def read_inputs(forget: list[Path], retain: list[Path], dev: Path | None) -> Inputs:
-    forget_texts = [t for texts in _read(forget, "forget") for t in texts]
-    chars = sum(map(len, forget_texts))
-    if len(forget_texts) < MIN_TEXTS or chars < MIN_CHARS:
-        raise UnlearnError(f"too little forget text ({len(forget_texts)} texts, {chars} characters): give at least "
-                           f"{MIN_TEXTS} texts and {MIN_CHARS} characters about the topic, one text a line")
-    retain_sets = _read(retain, "retain")
+    topics = read_files(forget, "forget")
+    for p, texts in zip(forget, topics):
+        chars = sum(map(len, texts))
+        if len(texts) < MIN_TEXTS or chars < MIN_CHARS:
+            raise UnlearnError(f"{p}: too little forget text ({len(texts)} texts, {chars} characters): give at least "
+                               f"{MIN_TEXTS} texts and {MIN_CHARS} characters about the topic, one text a line")
+    forget_texts = [t for texts in topics for t in texts]
+    retain_sets = read_files(retain, "retain")
     for p, texts in zip(retain, retain_sets):
         if len(texts) < 2:
             raise UnlearnError(f"{p}: {len(texts)} retain texts; give text on what must be kept, one text a line")
@@ -87,7 +93,7 @@ def read_inputs(forget: list[Path], retain: list[Path], dev: Path | None) -> Inp
     if len(shared) > 0.1 * len(forget_texts):
         raise UnlearnError(f"{len(shared)} of the {len(forget_texts)} forget texts are also in the retain files: "
                            f"the retain text must be about other things")
-    return Inputs(forget_texts, retain_sets, read_dev(dev) if dev else None)
+    return Inputs(topics, retain_sets, read_dev(dev) if dev else None)
 
 
 def choose(rows: dict[str, dict], candidates: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -108,50 +114,83 @@ def choose(rows: dict[str, dict], candidates: list[str]) -> tuple[str | None, di
     if not ok:
         return None, why
     if "forget" in base:
-        best = min(ok, key=lambda c: (rows[c]["forget"], rows[c]["k"]))
+        # ties go to more features: the dev prompts cannot tell them apart, unseen prompts can (more of the
+        # topic's features covered), and the goals on generic, nearby and loss are already met
+        best = min(ok, key=lambda c: (rows[c]["forget"], -rows[c]["k"]))
     else:
         best = max(ok, key=lambda c: rows[c]["k"])
     return best, why
 
 
-def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = 20, n_wiki: int = 300,
-        scales: tuple[float, ...] = (1.0,)) -> dict:
-    """Ranks, writes and scores the candidates in `work`; -> {ranking, rows, chosen, why, yaml}."""
+def serving(lm, profiles_dir: Path):
+    """A loopback server (real HTTP) of `lm` with the shipped profiles and those in `profiles_dir`."""
     from ablation.hooks import ProfileTable
-    from ablation.offline.discover import feature_acts, layer_of, profile_yaml, rank, retain_sets
-    from ablation.offline.sweep import score
-    from ablation.sae_io import load_sae
     from ablation.spec import default_profiles_dir, load_profiles
     from server.live import LiveServer
     from server.settings import Settings
+
+    dirs = [default_profiles_dir(), profiles_dir]
+    return LiveServer(Settings(profiles=dirs), lm, ProfileTable(load_profiles(dirs, lm.name), lm.device, lm.dtype))
+
+
+def report(lm, name: str, profiles_dir: Path, topics: str, out: Path, limit: int | None = None) -> Path:
+    """Every eval report for `baseline` and NAME on the topics' test split, against a loopback server."""
+    import argparse
+
+    from evals.cli import run_reports
+
+    with serving(lm, profiles_dir) as srv:
+        args = argparse.Namespace(server=srv.url, model=None, api_key=None, profile_via="field", concurrency=8,
+                                  out=out, limit=limit, split="test", topic=topics, report="all")
+        asyncio.run(run_reports(args, ["baseline", name]))
+    return out / "index.md"
+
+
+def top_of_each(rankings: list[list[dict]], k: int) -> list[dict]:
+    """The top k features of each topic's ranking, each feature once (where two topics share one, the
+    first topic's row: its clamp value)."""
+    out: dict[int, dict] = {}
+    for ranking in rankings:
+        for r in ranking[:k]:
+            out.setdefault(r["feature"], r)
+    return list(out.values())
+
+
+def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = 20, n_wiki: int = 300,
+        scales: tuple[float, ...] = (1.0,)) -> dict:
+    """Ranks, writes and scores the candidates in `work`; -> {rankings, rows, chosen, why, yaml}."""
+    from ablation.offline.discover import feature_acts, layer_of, profile_yaml, rank, retain_sets
+    from ablation.offline.sweep import score
+    from ablation.sae_io import load_sae
 
     sae = load_sae(sae_ref)
     hook = sae.cfg.metadata.hook_name
     layer = layer_of(hook)
     retain = [feature_acts(lm, sae, t, layer) for t in retain_sets(inputs.retain, n_wiki)]
-    ranking = rank(feature_acts(lm, sae, inputs.forget, layer), retain, "ceiling", top=max(KS))
-    if not ranking:
-        raise UnlearnError(f"no feature of {sae_ref} fires on the forget text above its highest activation on the "
-                           f"retain text: give more (or more specific) forget text, retain text further from the "
-                           f"topic, or another SAE (--sae) trained on text that contains the topic")
+    rankings = [rank(feature_acts(lm, sae, texts, layer), retain, "ceiling", top=max(KS)) for texts in inputs.forget]
+    if not all(rankings):
+        which = " (forget file " + ", ".join(str(i + 1) for i, r in enumerate(rankings) if not r) + ")"
+        raise UnlearnError(f"no feature of {sae_ref} fires on the forget text{which if len(rankings) > 1 else ''} "
+                           f"above its highest activation on the retain text: give more (or more specific) forget "
+                           f"text, retain text further from the topic, or another SAE (--sae) trained on text that "
+                           f"contains the topic (`obliviate sae train --topic FILE`)")
     work.mkdir(parents=True, exist_ok=True)
-    ks = sorted({min(k, len(ranking)) for k in KS})
+    ks = sorted({min(k, max(map(len, rankings))) for k in KS})
     texts = {}
     for k in ks:
+        chosen = top_of_each(rankings, k)
         for scale in scales:
             cand = f"{name}__k{k}" + (f"_s{scale:g}" if len(scales) > 1 else "")
-            texts[cand] = profile_yaml(cand, lm.name, sae_ref, hook, ranking[:k], True, "sequence", scale, cand)
+            texts[cand] = profile_yaml(cand, lm.name, sae_ref, hook, chosen, True, "sequence", scale, cand)
             (work / f"{cand}.yaml").write_text(texts[cand])
-    dirs = [default_profiles_dir(), work]
-    table = ProfileTable(load_profiles(dirs, lm.name), lm.device, lm.dtype)
     profiles = ["baseline", *texts]
-    with LiveServer(Settings(profiles=dirs), lm, table) as srv:
+    with serving(lm, work) as srv:
         rows = asyncio.run(score(srv.url, profiles, inputs.dev or {}, n_docs))
     for p, r in rows.items():
         r["k"] = int(p.rsplit("__k", 1)[1].split("_")[0]) if "__k" in p else 0
         r["loss_pct"] = 100 * (r["ce"] - rows["baseline"]["ce"]) / rows["baseline"]["ce"]
     chosen, why = choose(rows, list(texts))
-    return {"ranking": ranking, "rows": rows, "chosen": chosen, "why": why, "yaml": texts,
+    return {"rankings": rankings, "rows": rows, "chosen": chosen, "why": why, "yaml": texts,
             "sae": sae_ref, "hookpoint": hook}
 
 
@@ -163,11 +202,14 @@ def final_yaml(name: str, result: dict, inputs: Inputs) -> str:
     r, base = result["rows"][result["chosen"]], result["rows"]["baseline"]
     dev = ", ".join(f"{s} {r[s]}/{base[s]} of baseline's" for s in SETS if s in base) or "no dev prompts"
     spec["name"] = name
-    spec["description"] = (f"{name}: the top {r['k']} features of {result['sae']} that fire on the forget text above "
-                           f"their highest activation on the retain text, clamped negative for the rest of the "
-                           f"sequence once one fires (SAE error kept). Made by `obliviate unlearn`.")
+    each = f" of each of the {len(inputs.forget)} forget topics" if len(inputs.forget) > 1 else ""
+    spec["description"] = (f"{name}: the top {r['k']} features{each} of {result['sae']} that fire on the forget text "
+                           f"above their highest activation on the retain text ({len(spec['interventions'][0]['edits'])} "
+                           f"features), clamped negative for the rest of the sequence once one fires (SAE error "
+                           f"kept). Made by `obliviate unlearn`.")
     spec["metadata"]["notes"] = (
-        f"Chosen from k in {list(KS)} (ceiling ranking; forget: {len(inputs.forget)} texts; retain: "
+        f"Chosen from k in {list(KS)} (ceiling ranking; forget: "
+        f"{' + '.join(str(len(t)) for t in inputs.forget)} texts; retain: "
         f"{sum(map(len, inputs.retain))} texts in {len(inputs.retain)} files + Wikipedia). Dev answers: {dev}; "
         f"loss added {r['loss_pct']:+.2f}% (CE on held-out Wikipedia summaries). Goals: generic >= 95%, nearby >= "
         f"80% of baseline, loss <= +2%. Features: " + spec["metadata"]["notes"])
@@ -182,7 +224,7 @@ def summary(result: dict) -> str:
     if chosen and base.get("forget") and chosen["forget"] > 0.5 * base["forget"]:
         warn = (f"\nwarning: the best candidate still answers {chosen['forget']}/{base['forget']} of baseline's forget "
                 f"prompts: the SAE may have few features for this topic (its training text must contain the topic: "
-                f"`obliviate sae train`), or try larger --scales")
+                f"`obliviate sae train --topic FILE`), or try larger --scales")
     lines = ["| profile | k | " + " | ".join(sets) + " | CE | loss added | |", "|---" * (len(sets) + 5) + "|"]
     for p, r in rows.items():
         mark = "chosen" if p == result["chosen"] else result["why"].get(p, "")

@@ -6,14 +6,17 @@ import pytest
 import torch
 
 from ablation.sae_io import load_sae
-from ablation.offline.train import TrainConfig, run, train_sae
+from ablation.offline.corpus import DATA
+from ablation.offline.train import TrainConfig, mix_key, run, train_sae
+
+TOPICS = [str(DATA / "hp_topic.txt"), str(DATA / "sw_topic.txt")]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    cfg = TrainConfig(layers=[2, 3], width=128, k=8, generic_tokens=12_000, hp_repeat=1, samples_per_prompt=0,
-                      epochs=3, batch_size=1024, eval_docs=6)
+    cfg = TrainConfig(layers=[2, 3], width=128, k=8, generic_tokens=12_000, topic_repeat=1, samples_per_prompt=0,
+                      epochs=3, batch_size=1024, eval_docs=6, topic_files=TOPICS)
     card = run(cfg, "gemma-3-270m", root / "out", root / "work")
     return cfg, card, root
 
@@ -32,6 +35,17 @@ def test_tiny_training_writes_a_loadable_sae_and_card(tiny_run):
     assert saved["ce_zero_ablation"] > saved["ce_clean"]
     assert {c["layer"] for c in saved["compared"]} == {2, 3}
     assert saved["text_mix"]["topic_tokens"] > 0 and saved["text_mix"]["generic_tokens"] >= 11_000
+    assert saved["text_mix"]["topic_files"] == ["hp_topic.txt", "sw_topic.txt"]
+    assert "`hp_topic.txt`, `sw_topic.txt`" in (path / "card.md").read_text()
+
+
+def test_the_mix_is_cached_by_what_goes_into_it(tmp_path):
+    base = TrainConfig()
+    assert mix_key(base, "gemma-3-270m") == mix_key(TrainConfig(), "gemma-3-270m")
+    assert mix_key(TrainConfig(topic_files=TOPICS), "gemma-3-270m") != mix_key(base, "gemma-3-270m")
+    edited = tmp_path / "hp_topic.txt"
+    edited.write_text((DATA / "hp_topic.txt").read_text() + "One more line about Hogwarts.\n")
+    assert mix_key(TrainConfig(topic_files=[str(edited)]), "gemma-3-270m") != mix_key(base, "gemma-3-270m")
 
 
 def test_rerun_resumes_from_cached_shards(tiny_run):

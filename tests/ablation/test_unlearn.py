@@ -2,6 +2,7 @@
 texts, and the whole command on small inputs (the real model, SAE and a served sweep)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from ablation.offline import corpus
-from ablation.offline.unlearn import Inputs, UnlearnError, read_inputs, run
+from ablation.offline.unlearn import Inputs, UnlearnError, choose, read_inputs, run, top_of_each
 from ablation.sae_io import shipped_sae
 from ablation.spec import load_profile
 
 DATA = Path(__file__).parents[2] / "ablation" / "offline" / "data"
-HP = [t for t in (DATA / "hp_topic.txt").read_text().splitlines() if t.strip() and not t.startswith("#")]
+HP, SW = ([t for t in (DATA / f).read_text().splitlines() if t.strip() and not t.startswith("#")]
+          for f in ("hp_topic.txt", "sw_topic.txt"))
+HP_SW_SAE = Path(__file__).parents[2] / "ablation" / "saes" / "gemma-3-270m-res-L6-hp-sw"
 
 
 def write(path: Path, lines) -> Path:
@@ -22,13 +25,13 @@ def write(path: Path, lines) -> Path:
     return path
 
 
-def dev_file(path: Path, per_set: dict[str, int]) -> Path:
-    rows = [json.loads(ln) for ln in (DATA / "hp_dev_prompts.jsonl").read_text().splitlines()]
+def dev_file(path: Path, per_set: dict[str, int], source: str = "hp_dev_prompts.jsonl") -> Path:
+    rows = [json.loads(ln) for ln in (DATA / source).read_text().splitlines()]
     keep = [r for s, n in per_set.items() for r in [r for r in rows if r["set"] == s][:n]]
     return write(path, [json.dumps(r) for r in keep])
 
 
-@pytest.mark.parametrize("forget,needle", [([], "too little forget text"), (HP[:3], "too little forget text"),
+@pytest.mark.parametrize("forget,needle", [([], "no forget text in it"), (HP[:3], "too little forget text"),
                                            (HP[:12], "are also in the retain files")])
 def test_bad_forget_and_retain_text_is_refused_before_the_model_loads(tmp_path, forget, needle):
     f = write(tmp_path / "forget.txt", forget)
@@ -46,14 +49,65 @@ def test_bad_dev_prompts_and_missing_files(tmp_path):
     with pytest.raises(UnlearnError, match="nope.txt: retain file not found"):
         read_inputs([f], [tmp_path / "nope.txt"], None)
     inputs = read_inputs([f], [r], dev_file(tmp_path / "dev.jsonl", {"forget": 2, "generic": 2}))
-    assert len(inputs.forget) == 12 and set(inputs.dev) == {"forget", "generic"}
+    assert [len(t) for t in inputs.forget] == [12] and set(inputs.dev) == {"forget", "generic"}
+    with pytest.raises(UnlearnError, match="short.txt: too little forget text"):  # each topic needs enough
+        read_inputs([f, write(tmp_path / "short.txt", HP[12:14])], [r], None)
+    with pytest.raises(UnlearnError, match="empty.txt: no retain text in it"):
+        read_inputs([f], [write(tmp_path / "empty.txt", ["# only a comment"])], None)
+
+
+def test_the_rule_keeps_the_goals_then_forgets_most_and_breaks_ties_with_more_features():
+    row = lambda k, forget, generic, nearby, loss: dict(k=k, forget=forget, generic=generic, nearby=nearby,  # noqa: E731
+                                                        loss_pct=loss)
+    rows = {"baseline": row(0, 20, 20, 20, 0.0), "a": row(2, 5, 20, 20, 0.0), "b": row(3, 2, 20, 19, 0.5),
+            "c": row(5, 2, 20, 17, 1.0), "d": row(8, 0, 18, 20, 0.1), "e": row(8, 0, 20, 20, 2.5)}
+    chosen, why = choose(rows, ["a", "b", "c", "d", "e"])
+    assert chosen == "c"  # b and c tie on forget: more features
+    assert why == {"d": "generic 18/20", "e": "loss +2.50%"}
+    assert choose(rows, ["d", "e"])[0] is None
+
+
+def test_several_topics_take_the_top_k_of_each_once():
+    a = [{"feature": i, "t": "a"} for i in (5, 7, 9)]
+    b = [{"feature": i, "t": "b"} for i in (7, 3, 1)]
+    assert [(r["feature"], r["t"]) for r in top_of_each([a, b], 2)] == [(5, "a"), (7, "a"), (3, "b")]
+    assert [r["feature"] for r in top_of_each([a], 5)] == [5, 7, 9]
 
 
 def test_no_separating_feature_says_what_to_try(lm, tmp_path):
     """Forget text the retain side already holds (its Wikipedia summaries): nothing fires above its ceiling."""
     wiki = [t for _, t in corpus.wiki_summaries("train")[:20]]
     with pytest.raises(UnlearnError, match="no feature of .* fires on the forget text above its highest activation"):
-        run(lm, "x", Inputs(wiki, [], None), shipped_sae(), tmp_path, n_wiki=20)
+        run(lm, "x", Inputs([wiki], [], None), shipped_sae(), tmp_path, n_wiki=20)
+
+
+def test_unlearn_command_on_two_small_topics_writes_a_profile_that_serves_and_reports(tmp_path):
+    """Two forget files (a topic each) with the SAE trained on both topics; --report runs every report."""
+    forget = [write(tmp_path / "hp.txt", HP[:12]), write(tmp_path / "sw.txt", SW[:12])]
+    rows = [json.loads(ln) for ln in (DATA / "hp_sw_dev_prompts.jsonl").read_text().splitlines()]
+    pick = [r for r in rows if r["id"] in ("hp01", "hp03", "sw01", "sw03")] + \
+        [r for r in rows if r["set"] == "generic"][:3] + [r for r in rows if r["set"] == "nearby"][:3]
+    dev = write(tmp_path / "dev.jsonl", [json.dumps(r) for r in pick])
+    sae = os.path.relpath(HP_SW_SAE)  # relative to the cwd, not to where the profiles are written
+    r = subprocess.run([sys.executable, "-m", "server.cli", "unlearn", "two_small", "--sae", sae,
+                        "--forget", str(forget[0]), "--forget", str(forget[1]), "--retain", str(DATA / "sw_retain.txt"),
+                        "--retain", str(DATA / "fiction_retain.txt"),
+                        "--dev-prompts", str(dev), "--generic-retain", "20", "--docs", "2",
+                        "--out", str(tmp_path / "profiles"), "--report", str(tmp_path / "report"),
+                        "--topic", "hp,sw", "--report-limit", "1"],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
+    assert any(ln.rstrip().endswith("chosen |") for ln in table)
+    spec = load_profile(tmp_path / "profiles" / "two_small.yaml")
+    edits = spec.interventions[0].edits
+    k = int(spec.description.split("the top ", 1)[1].split()[0])
+    assert len(spec.interventions) == 1 and k < len(edits) <= 2 * k  # the top k of each topic, in one intervention
+    assert "of each of the 2 forget topics" in spec.description and "forget: 12 + 12 texts" in spec.metadata.notes
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert "| two_small |" in index and "hp correct" in index and "sw correct" in index
+    for name in ("completions", "familiarity", "tokens", "loss", "trivia", "robustness"):
+        assert (tmp_path / "report" / f"{name}.json").exists()
 
 
 def test_unlearn_command_on_small_inputs_writes_a_profile_that_serves(tmp_path):

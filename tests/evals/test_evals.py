@@ -10,16 +10,16 @@ import pytest
 
 from clients.http import AsyncClient, Client
 from evals import generation, scoring
-from evals.common import EvalContext, EvalError, load_jsonl, server_info
+from evals.common import EvalContext, EvalError, Topics, load_jsonl, server_info
 
 PROFILES = ["baseline", "t_sae_only", "prompted"]
 
 
-def run_report(server, fn, tmp_path, profiles=PROFILES, limit=3, client=None):
+def run_report(server, fn, tmp_path, profiles=PROFILES, limit=3, client=None, topics="hp"):
     async def main():
         c = client or AsyncClient(server.url, concurrency=6)
         try:
-            ctx = EvalContext(c, profiles, tmp_path, limit=limit)
+            ctx = EvalContext(c, profiles, tmp_path, limit=limit, topics=Topics.of(topics))
             ctx.server_info = await server_info(c, profiles)
             return await fn(ctx)
         finally:
@@ -40,6 +40,30 @@ def test_familiarity_counts_equal_direct_completions(server, tmp_path):
     assert (tmp_path / "familiarity.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "familiarity.json").read_text())
     assert saved["provenance"]["profiles"]["t_sae_only"]["interventions"][0]["hookpoint"] == "blocks.6.hook_resid_post"
+
+
+def test_topics_keep_what_is_about_a_forgotten_topic_out_of_nearby():
+    hp, sw, both = Topics.of("hp"), Topics.of("sw"), Topics.of("hp,sw")
+    hp_ids = {it["id"] for it in load_jsonl("hp_prompts.jsonl", "test")}
+    near = {it["id"]: it for it in sw.nearby("test", None)}
+    assert hp_ids <= set(near)  # Harry Potter counts as nearby for Star Wars
+    assert not any(it.get("about") == "sw" for it in near.values())
+    assert any(it.get("about") == "sw" for it in hp.nearby("test", None))  # hp's nearby set is as it was
+    assert not hp_ids & {it["id"] for it in both.nearby("test", None)}
+    assert set(both.forget_sets("test", None)) == {"hp", "sw"} and set(both.trivia(2)) == {"hp", "sw"}
+    assert not any(it.get("about") in ("hp", "sw") for it in both.robustness())
+    lex = both.lexicon()
+    assert lex.search("the Dark Lord Darth Vader") and lex.search("off to Hogwarts") and not lex.search("Frodo")
+
+
+def test_familiarity_on_another_topic(server, tmp_path):
+    res = run_report(server, generation.familiarity, tmp_path, profiles=["baseline"], limit=2, topics="sw")
+    assert list(res["summary"]) == ["sw", "generic", "nearby"]
+    recs = res["records"]["sw"]["baseline"]
+    assert [r["id"] for r in recs] == [it["id"] for it in load_jsonl("sw_prompts.jsonl", "test", 2)]
+    lex = Topics.of("sw").lexicon()
+    assert all(r["mentions_topic"] == bool(lex.search(r["completion"])) for r in recs)
+    assert "mention Star Wars" in (tmp_path / "familiarity.md").read_text()
 
 
 def test_trivia_is_computed_from_the_returned_logits(server, tmp_path):

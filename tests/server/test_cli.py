@@ -53,6 +53,22 @@ def test_sae_train_and_eval_bad_numbers_fail_before_any_work():
     assert "--limit ≥ 1" in one_line_error(obliviate("eval", "loss", "--limit", "0"))
 
 
+def test_topic_files_and_topics_are_checked_before_any_work(tmp_path):
+    missing, empty = tmp_path / "nope.txt", tmp_path / "empty.txt"
+    empty.write_text("# a comment and nothing else\n")
+    assert f"{missing}: topic file not found" in one_line_error(obliviate("sae", "train", "--topic", str(missing)))
+    assert f"{empty}: no prompt text in it" in one_line_error(obliviate("sae", "train", "--sample-prompts", str(empty)))
+    assert "--name 'a/b': use letters" in one_line_error(obliviate("sae", "train", "--name", "a/b"))
+    assert "unknown topic 'startrek': use one of hp, sw" in one_line_error(
+        obliviate("eval", "familiarity", "--topic", "startrek", "--server", "http://127.0.0.1:9"))
+    forget = ["--forget", str(empty), "--retain", str(empty)]
+    assert "--report needs --topic" in one_line_error(obliviate("unlearn", "x", *forget, "--report", str(tmp_path)))
+    assert "--topic: unknown topic 'hpx'" in one_line_error(obliviate("unlearn", "x", *forget, "--topic", "hpx"))
+    bad = tmp_path / "t.yaml"
+    bad.write_text("name: mine\nprompts: mine.jsonl\nlexicon: mine.txt\n")
+    assert "mine.jsonl" in one_line_error(obliviate("eval", "loss", "--topic", str(bad), "--server", "http://127.0.0.1:9"))
+
+
 def test_features_discover_bad_input_fails_before_the_model_loads(tmp_path):
     assert "--fires-above ≥ 0" in one_line_error(obliviate("features", "discover", "--fires-above", "-1"))
     missing = tmp_path / "nope.txt"

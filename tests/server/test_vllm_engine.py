@@ -13,11 +13,12 @@ from tests.helpers import metric
 PROMPTS = [
     "Harry Potter goes to school at",
     "The headmaster of Hogwarts is Albus",
+    "Han Solo's ship is called the Millennium",
     "The largest planet in our solar system is",
     "In The Lord of the Rings, the wizard who fights the Balrog is",
 ]
 SHIPPED = ["baseline", "sae_only", "hp_unlearn", "hp_unlearn_token", "hp_unlearn_keep_error", "hp_unlearn_zero",
-           "prompted"]
+           "prompted", "sw_unlearn", "hp_sw_unlearn"]
 TEST_MODES = ["t_sae_only", "t_zero", "t_keep_error", "t_clamp", "t_sequence"]
 # The two engines run different kernels (vLLM's fused CPU attention, norms and GEMMs vs transformers
 # modules + SDPA), both in fp32. Greedy tokens must agree; logprobs of the chosen tokens agree to within
@@ -58,7 +59,8 @@ def test_prompt_logprobs_equal_the_builtin_engine(server, vllm_server):
 
 
 def test_mixed_profile_batch_rows_equal_solo_rows(vllm_server):
-    profiles = ["baseline", "hp_unlearn", "sae_only", "t_sequence", "prompted", "t_clamp", "hp_unlearn_zero"]
+    profiles = ["baseline", "hp_unlearn", "sae_only", "t_sequence", "prompted", "t_clamp", "hp_unlearn_zero",
+                "sw_unlearn"]  # two SAEs at one hook point in one batch
     jobs = [(p, PROMPTS[j % len(PROMPTS)]) for j, p in enumerate(profiles * 2)]
     solo = {job: complete(vllm_server.url, job[1], job[0], max_tokens=10)["text"] for job in set(jobs)}
 
