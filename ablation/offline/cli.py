@@ -97,8 +97,9 @@ def add_features(sub) -> None:
             q.set_defaults(func=cmd_features_show)
             continue
         q.add_argument("--forget", type=Path, action="append", help=".txt (one text a line) or .jsonl")
-        q.add_argument("--retain", type=Path, action="append", help="retain set (repeatable; each file is judged on its "
-                       "own; default: the shipped other fiction as one set)")
+        q.add_argument("--retain", type=Path, action="append",
+                       help="retain set (repeatable; each file is judged on its own; default: the shipped other "
+                            "fiction as one set)")
         q.add_argument("--generic-retain", type=int, default=300, help="also retain N Wikipedia summaries (0: none)")
         q.add_argument("--method", choices=["dsg", "firing", "ceiling"], default="dsg")
         q.add_argument("--top", type=int, default=20)
@@ -284,6 +285,6 @@ def cmd_unlearn(args) -> int:
             index = report(lm, args.name, args.out, args.topic, args.report, args.report_limit)
         except (EvalError, APIError, ProfileError) as e:
             raise CLIError(f"{path} was written, but the reports failed: {e}") from None
-        print(f"\nreports for baseline and {args.name} ({args.topic}, test split) in {args.report}:\n{index.read_text()}"
-              f"\nin {time.perf_counter() - t0:.0f} s in all")
+        print(f"\nreports for baseline and {args.name} ({args.topic}, test split) in {args.report}:\n"
+              f"{index.read_text()}\nin {time.perf_counter() - t0:.0f} s in all")
     return 0

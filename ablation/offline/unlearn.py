@@ -7,9 +7,9 @@ to a profile that forgets it.
    forget text above the highest activation it reaches on any retain set (each file judged on its own,
    plus Wikipedia summaries); that activation becomes its `fires_above`. Each forget file is a topic,
    ranked on its own, so one profile can forget several topics (one intervention, every topic's features).
-3. Candidates, the recipe of the shipped `hp_unlearn`: the top k features of each topic (k in KS), clamped
-   negative for the rest of the sequence once one fires, SAE error kept. Each is served and scored on the dev prompts
-   (greedy answers per set) and on cross-entropy over held-out text.
+3. Candidates, the recipe of the shipped `hp_unlearn`: the top k features of each topic (k in KS),
+   clamped negative for the rest of the sequence once one fires, SAE error kept. Each is served and
+   scored on the dev prompts (greedy answers per set) and on cross-entropy over held-out text.
 4. The candidate with the fewest forget answers among those keeping generic >= 95% and nearby >= 80% of
    baseline's answers and adding <= 2% loss (on a tie, the one with more features) is written as
    NAME.yaml, with its numbers in the notes.
