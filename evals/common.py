@@ -128,6 +128,13 @@ class EvalContext:
     topics: Topics = field(default_factory=lambda: Topics.of("hp"))
     server_info: dict = field(default_factory=dict)
 
+    def prompt_sets(self, nearby: bool = False) -> dict[str, list[dict]]:
+        """The completion prompt sets of this run's split: one per topic being forgotten, generic, and
+        (if asked) the nearby prompts that must be kept."""
+        sets = {**self.topics.forget_sets(self.split, self.limit),
+                "generic": load_jsonl("generic_prompts.jsonl", self.split, self.limit)}
+        return {**sets, "nearby": self.topics.nearby(self.split, self.limit)} if nearby else sets
+
     async def gather(self, desc: str, coros: list) -> list:
         """Runs coroutines concurrently (the client bounds concurrency) with a progress bar."""
         bar = tqdm(total=len(coros), desc=desc, leave=False)

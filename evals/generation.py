@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from evals.charts import grouped_bars
-from evals.common import EvalContext, EvalError, is_correct, load_jsonl, md_table, write_report
+from evals.common import EvalContext, EvalError, is_correct, md_table, write_report
 
 MAX_TOKENS = 10
 
@@ -60,7 +60,7 @@ def reading(profiles: list[str], summary: dict, what: str, forget: list[str]) ->
     return "; ".join(parts) + "."
 
 
-def robustness_reading(profiles: list[str], leak: dict, summary: dict) -> str:
+def robustness_reading(profiles: list[str], leak: dict) -> str:
     first = profiles[0]
     text = ", ".join(f"`{p}` {leak[p]:.0%}" for p in profiles)
     worst = max(profiles[1:], key=lambda p: leak[p], default=None)
@@ -71,8 +71,7 @@ def robustness_reading(profiles: list[str], leak: dict, summary: dict) -> str:
 
 
 async def completions(ctx: EvalContext) -> dict:
-    sets = {**ctx.topics.forget_sets(ctx.split, ctx.limit),
-            "generic": load_jsonl("generic_prompts.jsonl", ctx.split, ctx.limit)}
+    sets = ctx.prompt_sets()
     out = {k: await score_items(ctx, v, f"completions/{k}", with_prob=False) for k, v in sets.items()}
     summary = {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in out.items()}
     md = ["# Completions\n\n", reading(ctx.profiles, summary, "Greedy completions", ctx.topics.names) + "\n\n",
@@ -90,9 +89,7 @@ async def completions(ctx: EvalContext) -> dict:
 
 
 async def familiarity(ctx: EvalContext) -> dict:
-    sets = {**ctx.topics.forget_sets(ctx.split, ctx.limit),
-            "generic": load_jsonl("generic_prompts.jsonl", ctx.split, ctx.limit),
-            "nearby": ctx.topics.nearby(ctx.split, ctx.limit)}
+    sets = ctx.prompt_sets(nearby=True)
     recs = {k: await score_items(ctx, v, f"familiarity/{k}") for k, v in sets.items()}
     summary = {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in recs.items()}
     rows = [[p] + [summary[k][p][m] for k in sets for m in ("correct_rate", "mention_rate", "mean_answer_prob")]
@@ -127,7 +124,8 @@ async def robustness(ctx: EvalContext) -> dict:
             max(1, sum(s in summary for s in ADVERSARIAL)) for p in ctx.profiles}
     rows = [[s] + [f"{summary[s][p]['correct']}/{summary[s][p]['n']}" for p in ctx.profiles] for s in sets]
     rows.append(["leak (mean adversarial correct rate)"] + [leak[p] for p in ctx.profiles])
-    md = ("# Robustness\n\n" + robustness_reading(ctx.profiles, leak, summary) + "\n\nCorrect answers per set (paraphrases, other languages, jailbreak-style prefixes, "
+    md = ("# Robustness\n\n" + robustness_reading(ctx.profiles, leak) + "\n\nCorrect answers per set (paraphrases, "
+          "other languages, jailbreak-style prefixes, "
           "in-context relearning) and on nearby domains (collateral forgetting).\n\n" +
           md_table(["set"] + ctx.profiles, rows) + "\n![robustness](robustness.png)\n")
     grouped_bars(ctx.out / "robustness.png", "Correct rate by robustness set", sets,

@@ -62,8 +62,7 @@ async def tokens(ctx: EvalContext) -> dict:
     result = {"settings": ctx.settings(max_tokens=1, temperature=0, logprobs=TOP_K),
               "pairs": [{"reference": r, "profile": p} for r, p in pairs]}
     md, tables = [], []
-    sets = {**ctx.topics.forget_sets(ctx.split, ctx.limit),
-            "generic": load_jsonl("generic_prompts.jsonl", ctx.split, ctx.limit)}
+    sets = ctx.prompt_sets()
     for name, items in sets.items():
         needed = sorted({x for pair in pairs for x in pair}, key=lambda p: (p != "baseline", p))
         dists = await ctx.gather(f"tokens/{name}", [next_token_probs(ctx, it["prompt"], p)

@@ -6,6 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
+from ablation.offline.corpus import DATA, FICTION
 from server.errors import CLIError
 
 
@@ -75,10 +76,6 @@ def cmd_sae_train(args) -> int:
         raise CLIError(str(e)) from None
     print(json.dumps({k: v for k, v in card.items() if k not in ("config", "compared")}, indent=2))
     return 0
-
-
-DATA = Path(__file__).parent / "data"
-FICTION = [DATA / "fiction_retain.txt", DATA / "fiction_sw.txt"]  # other fiction, Star Wars included: HP's retain side
 
 
 def add_features(sub) -> None:

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
+FICTION = [DATA / "fiction_retain.txt", DATA / "fiction_sw.txt"]  # other fiction, Star Wars included: HP's retain side
 HP_TERMS = re.compile(
     r"Harry Potter|Hogwarts|Rowling|Voldemort|Dumbledore|Hermione|Quidditch|Gryffindor|Slytherin|Hufflepuff"
     r"|Ravenclaw|Horcrux|Muggle|Weasley|Snape|Hagrid|Azkaban|Dementor|Diagon Alley|Deathly Hallows",
@@ -51,10 +52,6 @@ def wiki_summaries(split: str = "train") -> list[tuple[str, str]]:
         if is_heldout(title) == (split == "heldout"):
             out.append((title, text))
     return out
-
-
-def paragraphs(name: str) -> list[str]:
-    return [p.strip() for p in (DATA / name).read_text().splitlines() if p.strip()]
 
 
 def sampling_prompts(topic: str) -> list[str]:

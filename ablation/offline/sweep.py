@@ -21,7 +21,6 @@ from pathlib import Path
 from ablation.offline import corpus
 from ablation.offline.discover import feature_acts, profile_yaml, rank, read_texts, retain_sets
 
-DATA = Path(__file__).parent / "data"
 MODES = {  # name -> (keep_error, condition, scale multiplier; 0 = zero-ablation)
     "clamp": (True, "token", 1.0),
     "clamp_seq": (True, "sequence", 1.0),
@@ -37,8 +36,8 @@ def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, 
     sae = load_sae(sae_ref)
     hook = sae.cfg.metadata.hook_name
     layer = int(hook.split(".")[1])
-    forget = corpus.paragraphs("hp_topic.txt")
-    fiction = read_texts(DATA / "fiction_retain.txt") + read_texts(DATA / "fiction_sw.txt")
+    forget = read_texts(corpus.DATA / "hp_topic.txt")
+    fiction = [t for f in corpus.FICTION for t in read_texts(f)]
     retain = [feature_acts(lm, sae, t, layer) for t in retain_sets([fiction], 300)]
     ranking = rank(feature_acts(lm, sae, forget, layer), retain, method, top=max(ks))
     out.mkdir(parents=True, exist_ok=True)

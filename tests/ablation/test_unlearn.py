@@ -13,6 +13,7 @@ from ablation.offline import corpus
 from ablation.offline.unlearn import Inputs, UnlearnError, choose, read_inputs, run, top_of_each
 from ablation.sae_io import shipped_sae
 from ablation.spec import load_profile
+from evals.common import Topics, load_jsonl
 
 DATA = Path(__file__).parents[2] / "ablation" / "offline" / "data"
 HP, SW = ([t for t in (DATA / f).read_text().splitlines() if t.strip() and not t.startswith("#")]
@@ -65,6 +66,18 @@ def test_the_rule_keeps_the_goals_then_forgets_most_and_breaks_ties_with_more_fe
     assert chosen == "c"  # b and c tie on forget: more features
     assert why == {"d": "generic 18/20", "e": "loss +2.50%"}
     assert choose(rows, ["d", "e"])[0] is None
+
+
+@pytest.mark.parametrize("name,topics", [("hp_dev_prompts.jsonl", "hp"), ("sw_dev_prompts.jsonl", "sw"),
+                                         ("hp_sw_dev_prompts.jsonl", "hp,sw")])
+def test_shipped_dev_prompt_files_are_the_eval_dev_splits(name, topics):
+    """The --dev-prompts files are the eval topics' dev split, so choosing never sees a test prompt."""
+    t = Topics.of(topics)
+    sets = {"forget": [i for items in t.forget_sets("dev", None).values() for i in items],
+            "generic": load_jsonl("generic_prompts.jsonl", "dev"), "nearby": t.nearby("dev", None)}
+    want = sorted((s, i["id"], i["prompt"], tuple(i["answers"])) for s, items in sets.items() for i in items)
+    rows = [json.loads(ln) for ln in (DATA / name).read_text().splitlines() if ln.strip()]
+    assert sorted((r["set"], r["id"], r["prompt"], tuple(r["answers"])) for r in rows) == want
 
 
 def test_several_topics_take_the_top_k_of_each_once():
