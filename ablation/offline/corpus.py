@@ -54,11 +54,6 @@ def wiki_summaries(split: str = "train") -> list[tuple[str, str]]:
     return out
 
 
-def sampling_prompts(topic: str) -> list[str]:
-    rows = [json.loads(ln) for ln in (DATA / "sampling_prompts.jsonl").read_text().splitlines() if ln.strip()]
-    return [r["prompt"] for r in rows if r["topic"] == topic]
-
-
 def sample_continuations(lm, prompts: list[str], per_prompt: int = 4, max_new_tokens: int = 64,
                          seed: int = 0, batch_size: int = 16) -> list[str]:
     """The model's own sampled continuations (temperature 0.9, top-p 0.95), prompt included."""
