@@ -93,8 +93,15 @@ async def tokens(ctx: EvalContext) -> dict:
     return result
 
 
-def heldout_docs(limit: int | None, max_chars: int = 700) -> list[str]:
-    docs = [r["text"] for r in load_jsonl("heldout_generic.jsonl", "all", limit or 60)]
+REPORT_DOCS = 60  # the loss report reads the first 60 held-out documents; choosing a profile reads the rest
+
+
+def heldout_docs(limit: int | None, max_chars: int = 700, split: str = "test") -> list[str]:
+    """Held-out Wikipedia summaries: split "test" for the loss report (at most REPORT_DOCS), "dev" for
+    choosing a profile (the documents after those, so a choice never sees the report's)."""
+    rows = load_jsonl("heldout_generic.jsonl")
+    rows = rows[:REPORT_DOCS] if split == "test" else rows[REPORT_DOCS:]
+    docs = [r["text"] for r in rows[:limit or None]]
     return [d[:max_chars].rsplit(" ", 1)[0] if len(d) > max_chars else d for d in docs]
 
 

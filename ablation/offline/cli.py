@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ablation.offline.corpus import DATA, FICTION
+from ablation.offline.unlearn import GENERIC_RETAIN, KS
 from server.errors import CLIError
 
 
@@ -215,8 +216,11 @@ def add_unlearn(sub) -> None:
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--sae", help="SAE directory or release:sae_id (default: the shipped SAE)")
     p.add_argument("--out", type=Path, default=Path("profiles"), help="where NAME.yaml goes (default ./profiles)")
-    p.add_argument("--generic-retain", type=int, default=300, help="Wikipedia summaries added to the retain side")
-    p.add_argument("--docs", type=int, default=20, help="held-out documents for the loss")
+    p.add_argument("--generic-retain", type=int, default=GENERIC_RETAIN,
+                   help=f"Wikipedia summaries added to the retain side (default {GENERIC_RETAIN})")
+    p.add_argument("--docs", type=int, default=40, help="held-out documents for the loss (not the loss report's)")
+    p.add_argument("--ks", default=",".join(map(str, KS)), help="how many features of each topic to try "
+                   f"(comma-separated; default {','.join(map(str, KS))})")
     p.add_argument("--scales", default="1", help="clamp values to try, as multiples of each feature's mean "
                    "activation (comma-separated; default 1)")
     p.add_argument("--report", type=Path, metavar="DIR",
@@ -241,10 +245,11 @@ def cmd_unlearn(args) -> int:
         raise CLIError(f"profile name {args.name!r}: use letters, digits, _ . - (at most 64)")
     try:
         scales = tuple(float(x) for x in args.scales.split(",") if x)
+        ks = tuple(int(x) for x in args.ks.split(",") if x)
     except ValueError:
-        raise CLIError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
-    if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0:
-        raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0 and --scales > 0")
+        raise CLIError(f"--ks, --scales: expected comma-separated numbers, got {args.ks!r}, {args.scales!r}") from None
+    if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0 or not ks or min(ks) < 1:
+        raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0, --ks ≥ 1 and --scales > 0")
     if args.report and not args.topic:
         raise CLIError("--report needs --topic: the eval topic's prompts and lexicon (hp, sw, hp,sw or a topic YAML)")
     if args.report_limit is not None and args.report_limit < 1:
@@ -261,7 +266,7 @@ def cmd_unlearn(args) -> int:
         lm = load_model(args.model, device="cpu", dtype="float32")
         with tempfile.TemporaryDirectory() as work:
             result = run(lm, args.name, inputs, args.sae or shipped_sae(), Path(work), args.docs, args.generic_retain,
-                         scales)
+                         scales, ks)
     except (UnlearnError, SAELoadError, ModelLoadError, ProfileError) as e:
         raise CLIError(str(e)) from None
     print(summary(result))

@@ -73,7 +73,7 @@ async def score(url: str, profiles: list[str], sets: dict[str, list[dict]], n_do
             recs = await score_items(ctx, items, f"dev/{name}", with_prob=False)
             for p in profiles:
                 rows[p][name] = tally(recs[p])["correct"]
-        docs = heldout_docs(n_docs)
+        docs = heldout_docs(n_docs, split="dev")
         for p in profiles:
             lps = await ctx.gather(f"ce/{p}", [ctx.continuation_logprobs("", d, p, "loss") for d in docs])
             flat = [v for lp in lps for v in lp]

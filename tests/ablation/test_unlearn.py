@@ -57,13 +57,13 @@ def test_bad_dev_prompts_and_missing_files(tmp_path):
         read_inputs([f], [write(tmp_path / "empty.txt", ["# only a comment"])], None)
 
 
-def test_the_rule_keeps_the_goals_then_forgets_most_and_breaks_ties_with_more_features():
+def test_the_rule_keeps_the_goals_then_forgets_most_and_breaks_ties_with_fewer_features():
     row = lambda k, forget, generic, nearby, loss: dict(k=k, forget=forget, generic=generic, nearby=nearby,  # noqa: E731
                                                         loss_pct=loss)
     rows = {"baseline": row(0, 20, 20, 20, 0.0), "a": row(2, 5, 20, 20, 0.0), "b": row(3, 2, 20, 19, 0.5),
             "c": row(5, 2, 20, 17, 1.0), "d": row(8, 0, 18, 20, 0.1), "e": row(8, 0, 20, 20, 2.5)}
     chosen, why = choose(rows, ["a", "b", "c", "d", "e"])
-    assert chosen == "c"  # b and c tie on forget: more features
+    assert chosen == "b"  # b and c tie on forget: fewer features
     assert why == {"d": "generic 18/20", "e": "loss +2.50%"}
     assert choose(rows, ["d", "e"])[0] is None
 
@@ -105,7 +105,7 @@ def test_unlearn_command_on_two_small_topics_writes_a_profile_that_serves_and_re
     r = subprocess.run([sys.executable, "-m", "server.cli", "unlearn", "two_small", "--sae", sae,
                         "--forget", str(forget[0]), "--forget", str(forget[1]), "--retain", str(DATA / "sw_retain.txt"),
                         "--retain", str(DATA / "fiction_retain.txt"),
-                        "--dev-prompts", str(dev), "--generic-retain", "20", "--docs", "2",
+                        "--dev-prompts", str(dev), "--generic-retain", "20", "--docs", "2", "--ks", "2,5",
                         "--out", str(tmp_path / "profiles"), "--report", str(tmp_path / "report"),
                         "--topic", "hp,sw", "--report-limit", "1"],
                        capture_output=True, text=True, timeout=1200)
@@ -128,12 +128,13 @@ def test_unlearn_command_on_small_inputs_writes_a_profile_that_serves(tmp_path):
     dev = dev_file(tmp_path / "dev.jsonl", {"forget": 6, "generic": 4, "nearby": 4})
     r = subprocess.run([sys.executable, "-m", "server.cli", "unlearn", "hp_small", "--forget", str(forget),
                         "--retain", str(DATA / "fiction_retain.txt"), "--dev-prompts", str(dev), "--generic-retain",
-                        "20", "--docs", "2", "--out", str(tmp_path / "profiles")],
+                        "20", "--docs", "2", "--ks", "1,3", "--out", str(tmp_path / "profiles")],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
     rows = {ln.split(" | ")[0][2:]: ln for ln in table[1:]}
     assert "baseline" in rows and any(ln.rstrip().endswith("chosen |") for ln in table)
+    assert sorted(ln.split(" | ")[1] for p, ln in rows.items() if p != "baseline") == ["1", "3"]  # --ks: only these
     spec = load_profile(tmp_path / "profiles" / "hp_small.yaml")
     assert spec.name == "hp_small" and spec.interventions[0].edits and spec.interventions[0].keep_error
-    assert "Chosen from k in" in spec.metadata.notes and "Dev answers: forget" in spec.metadata.notes
+    assert "Chosen from k in [1, 3]" in spec.metadata.notes and "Dev answers: forget" in spec.metadata.notes

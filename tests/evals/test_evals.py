@@ -115,6 +115,13 @@ def test_loss_report_baseline_zero_and_sae_costs_loss(server, tmp_path):
     assert s["t_sae_only"]["ce"] > s["baseline"]["ce"] and s["baseline"]["tokens"] == s["t_sae_only"]["tokens"]
 
 
+def test_choosing_a_profile_never_reads_the_loss_reports_documents():
+    report, dev = scoring.heldout_docs(None), scoring.heldout_docs(None, split="dev")
+    assert len(report) == scoring.REPORT_DOCS and len(dev) >= 40  # `obliviate unlearn --docs` defaults to 40
+    assert not set(report) & set(dev)
+    assert scoring.heldout_docs(5, split="dev") == dev[:5] and scoring.heldout_docs(5) == report[:5]
+
+
 def test_tokens_report_compares_each_unlearning_profile_with_its_own_reference(server, tmp_path):
     res = run_report(server, scoring.tokens, tmp_path, profiles=["baseline", "t_zero", "t_keep_error"], limit=3)
     # zeroing inside the reconstruction vs the reconstruction; error-preserving vs baseline
