@@ -120,9 +120,8 @@ def choose(rows: dict[str, dict], candidates: list[str]) -> tuple[str | None, di
     if not ok:
         return None, why
     if "forget" in base:
-        # ties go to fewer features: each feature clamps text on which it fires above its retain ceiling, so
-        # each one more is another chance to fire on unseen generic text (measured: with 20 dev prompts the
-        # rule was "more features", and on the test split it bought no forgetting but loss)
+        # ties go to fewer features: the dev prompts cannot tell them apart, and each feature more is one more
+        # chance to switch the clamp on in unseen generic text (see GENERIC_RETAIN)
         best = min(ok, key=lambda c: (rows[c]["forget"], rows[c]["k"]))
     else:
         best = max(ok, key=lambda c: rows[c]["k"])
