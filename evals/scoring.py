@@ -99,6 +99,8 @@ REPORT_DOCS = 60  # the loss report reads the first 60 held-out documents; choos
 def heldout_docs(limit: int | None, max_chars: int = 700, split: str = "test") -> list[str]:
     """Held-out Wikipedia summaries: split "test" for the loss report (at most REPORT_DOCS), "dev" for
     choosing a profile (the documents after those, so a choice never sees the report's)."""
+    if split not in ("test", "dev"):
+        raise ValueError(f"held-out documents: split {split!r}, use test or dev")
     rows = load_jsonl("heldout_generic.jsonl")
     rows = rows[:REPORT_DOCS] if split == "test" else rows[REPORT_DOCS:]
     docs = [r["text"] for r in rows[:limit or None]]

@@ -120,6 +120,8 @@ def test_choosing_a_profile_never_reads_the_loss_reports_documents():
     assert len(report) == scoring.REPORT_DOCS and len(dev) >= 40  # `obliviate unlearn --docs` defaults to 40
     assert not set(report) & set(dev)
     assert scoring.heldout_docs(5, split="dev") == dev[:5] and scoring.heldout_docs(5) == report[:5]
+    with pytest.raises(ValueError, match="use test or dev"):
+        scoring.heldout_docs(5, split="train")  # a typo must not silently read the report's documents
 
 
 def test_tokens_report_compares_each_unlearning_profile_with_its_own_reference(server, tmp_path):
