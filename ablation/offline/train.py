@@ -203,6 +203,11 @@ def mix_key(cfg: TrainConfig, model: str) -> str:
             f"-c{cfg.ctx_len}-{h.hexdigest()[:12]}")
 
 
+def candidate_key(cfg: TrainConfig, layer: int) -> str:
+    """The cache folder name of a trained candidate (inside its mix's folder): changes with any training setting."""
+    return f"L{layer}-w{cfg.width}-k{cfg.k}-e{cfg.epochs}-b{cfg.batch_size}-lr{cfg.lr:g}-seed{cfg.seed}"
+
+
 def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | None = None,
         name: str | None = None) -> dict:
     from ablation.offline.card import activation_stats, card_markdown, ce_numbers
@@ -219,8 +224,8 @@ def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | N
     held_acts = heldout_acts(lm, rows, cfg.layers)
     cards, saes = {}, {}
     for layer in cfg.layers:
-        saes[layer], train_s = train_or_reuse(work / "candidates" / f"L{layer}", lambda: load_shards(work, layer),
-                                              layer, cfg, lm.hf_name)
+        saes[layer], train_s = train_or_reuse(work / "candidates" / candidate_key(cfg, layer),
+                                              lambda: load_shards(work, layer), layer, cfg, lm.hf_name)
         cards[layer] = {"layer": layer, "hook_point": f"blocks.{layer}.hook_resid_post", "train_s": train_s,
                         **activation_stats(saes[layer], held_acts[layer]), **ce_numbers(lm, saes[layer], layer, rows)}
         log.info("layer %d: %s", layer, cards[layer])

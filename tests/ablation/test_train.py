@@ -37,6 +37,11 @@ def test_tiny_training_writes_a_loadable_sae_and_card(tiny_run):
     assert saved["text_mix"]["topic_tokens"] > 0 and saved["text_mix"]["generic_tokens"] >= 11_000
     assert saved["text_mix"]["topic_files"] == ["hp_topic.txt", "sw_topic.txt"]
     assert "`hp_topic.txt`, `sw_topic.txt`" in (path / "card.md").read_text()
+    # the card's command line carries every setting that differs from the defaults
+    assert ("`obliviate sae train --layers 2,3 --topic ablation/offline/data/hp_topic.txt --topic "
+            "ablation/offline/data/sw_topic.txt --sample-prompts ablation/offline/data/hp_sampling_prompts.txt "
+            "--width 128 --k 8 --generic-tokens 12000 --topic-repeat 1 --samples-per-prompt 0 --epochs 3 "
+            "--eval-docs 6` (seed 0)") in (path / "card.md").read_text()
 
 
 def test_the_mix_is_cached_by_what_goes_into_it(tmp_path):
@@ -54,6 +59,17 @@ def test_rerun_resumes_from_cached_shards(tiny_run):
     stamps = [p.stat().st_mtime_ns for p in shards]
     run(cfg, "gemma-3-270m", root / "out2", root / "work")
     assert [p.stat().st_mtime_ns for p in shards] == stamps
+
+
+def test_rerun_with_other_training_settings_trains_anew(tiny_run):
+    cfg, card, root = tiny_run
+    before = sorted(p.name for p in (root / "work" / "candidates").iterdir())
+    assert before == ["L2-w128-k8-e3-b1024-lr0.001-seed0", "L3-w128-k8-e3-b1024-lr0.001-seed0"]
+    other = TrainConfig(**{**cfg.__dict__, "layers": [2], "epochs": 1})
+    again = run(other, "gemma-3-270m", root / "out3", root / "work")  # the same mix and shards, not the same SAE
+    assert sorted(p.name for p in (root / "work" / "candidates").iterdir()) == sorted(
+        before + ["L2-w128-k8-e1-b1024-lr0.001-seed0"])
+    assert again["train_s"] > 0 and "--epochs 1" in (root / "out3" / "gemma-3-270m-res-L2" / "card.md").read_text()
 
 
 def test_training_is_deterministic_with_a_seed():
