@@ -18,7 +18,7 @@ from evals.common import Topics, load_jsonl
 DATA = Path(__file__).parents[2] / "ablation" / "offline" / "data"
 HP, SW = ([t for t in (DATA / f).read_text().splitlines() if t.strip() and not t.startswith("#")]
           for f in ("hp_topic.txt", "sw_topic.txt"))
-HP_SW_SAE = Path(__file__).parents[2] / "ablation" / "saes" / "gemma-3-270m-res-L6-hp-sw"
+HP_SW_SAE = Path(__file__).parents[2] / "ablation" / "saes" / "gemma-3-270m-res-L12-hp-sw"
 
 
 def write(path: Path, lines) -> Path:

@@ -60,7 +60,7 @@ def test_prompt_logprobs_equal_the_builtin_engine(server, vllm_server):
 
 def test_mixed_profile_batch_rows_equal_solo_rows(vllm_server):
     profiles = ["baseline", "hp_unlearn", "sae_only", "t_sequence", "prompted", "t_clamp", "hp_unlearn_zero",
-                "sw_unlearn"]  # two SAEs at one hook point in one batch
+                "sw_unlearn"]  # two SAEs at one hook point (t_*, hp_*) and one at a second (sw_unlearn, layer 12)
     jobs = [(p, PROMPTS[j % len(PROMPTS)]) for j, p in enumerate(profiles * 2)]
     solo = {job: complete(vllm_server.url, job[1], job[0], max_tokens=10)["text"] for job in set(jobs)}
 
