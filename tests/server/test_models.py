@@ -51,3 +51,22 @@ def test_unknown_and_unreachable_models_and_saes_fail_clearly(monkeypatch, tmp_p
         load_sae("gemma-2b-res-jb:blocks.12.hook_resid_post")
     with pytest.raises(SAELoadError, match="not found"):
         load_sae(str(tmp_path / "nothing"))
+
+
+def test_embedded_tokenizer_starts_with_bos_and_a_cache_without_it_is_fixed(lm, tmp_path):
+    """The GGUF's tokenizer, as transformers 5 converts it, does not add <bos>; the cached folder must."""
+    from transformers import AutoTokenizer
+
+    from server.models import DEFAULT_MODEL, prepare_embedded
+
+    assert lm.tokenizer("Hello world").input_ids[0] == lm.tokenizer.bos_token_id
+    old = tmp_path / "models" / DEFAULT_MODEL  # a cache converted before the fix: same files, no <bos>
+    old.mkdir(parents=True)
+    (old / "config.json").write_text(lm.config.to_json_string())
+    tok = AutoTokenizer.from_pretrained(lm.path)
+    tok.add_bos_token = False
+    tok.save_pretrained(old)
+    assert AutoTokenizer.from_pretrained(old)("Hello world").input_ids[0] != tok.bos_token_id
+    assert prepare_embedded(tmp_path) == old
+    assert AutoTokenizer.from_pretrained(old)("Hello world").input_ids == [tok.bos_token_id] + tok(
+        "Hello world", add_special_tokens=False).input_ids
