@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from ablation.offline.corpus import DATA, FICTION
-from ablation.offline.unlearn import GENERIC_RETAIN, KS
+from ablation.offline.unlearn import DEV_DOCS, GENERIC_RETAIN, KS
 from server.errors import CLIError
 
 
@@ -218,7 +218,8 @@ def add_unlearn(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("profiles"), help="where NAME.yaml goes (default ./profiles)")
     p.add_argument("--generic-retain", type=int, default=GENERIC_RETAIN,
                    help=f"Wikipedia summaries added to the retain side (default {GENERIC_RETAIN})")
-    p.add_argument("--docs", type=int, default=40, help="held-out documents for the loss (not the loss report's)")
+    p.add_argument("--docs", type=int, default=DEV_DOCS,
+                   help=f"held-out documents for the loss (not the loss report's; default {DEV_DOCS})")
     p.add_argument("--ks", default=",".join(map(str, KS)), help="how many features of each topic to try "
                    f"(comma-separated; default {','.join(map(str, KS))})")
     p.add_argument("--scales", default="1", help="clamp values to try, as multiples of each feature's mean "

@@ -30,6 +30,8 @@ KS = (2, 3, 5, 8, 12, 16)
 # documents: with 300, hp_sw_unlearn at k = 12 added 2.7 % loss (k = 8: 0.5 %); with 1500 the one chosen
 # added 0.3 %. 1500 cost about 80 s more.
 GENERIC_RETAIN = 1500
+# held-out documents the loss is read from when choosing (never the loss report's: evals.scoring.heldout_docs)
+DEV_DOCS = 40
 MIN_TEXTS, MIN_CHARS = 8, 2000
 SETS = ("forget", "generic", "nearby")
 GOALS = {"generic": 0.95, "nearby": 0.80, "loss_pct": 2.0}
@@ -162,8 +164,8 @@ def top_of_each(rankings: list[list[dict]], k: int) -> list[dict]:
     return list(out.values())
 
 
-def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = 40, n_wiki: int = GENERIC_RETAIN,
-        scales: tuple[float, ...] = (1.0,), ks: tuple[int, ...] = KS) -> dict:
+def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = DEV_DOCS,
+        n_wiki: int = GENERIC_RETAIN, scales: tuple[float, ...] = (1.0,), ks: tuple[int, ...] = KS) -> dict:
     """Ranks, writes and scores the candidates in `work`; -> {rankings, rows, chosen, why, yaml}."""
     from ablation.offline.discover import feature_acts, layer_of, profile_yaml, rank, retain_sets
     from ablation.offline.sweep import score

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from clients.http import AsyncClient, Client
+from ablation.offline.unlearn import DEV_DOCS
 from evals import generation, scoring
 from evals.common import EvalContext, EvalError, Topics, load_jsonl, server_info
 
@@ -117,7 +118,7 @@ def test_loss_report_baseline_zero_and_sae_costs_loss(server, tmp_path):
 
 def test_choosing_a_profile_never_reads_the_loss_reports_documents():
     report, dev = scoring.heldout_docs(None), scoring.heldout_docs(None, split="dev")
-    assert len(report) == scoring.REPORT_DOCS and len(dev) >= 40  # `obliviate unlearn --docs` defaults to 40
+    assert len(report) == scoring.REPORT_DOCS and len(dev) >= DEV_DOCS  # `obliviate unlearn --docs`'s default
     assert not set(report) & set(dev)
     assert scoring.heldout_docs(5, split="dev") == dev[:5] and scoring.heldout_docs(5) == report[:5]
     with pytest.raises(ValueError, match="use test or dev"):
