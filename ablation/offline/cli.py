@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from ablation.offline.corpus import DATA, FICTION
-from ablation.offline.unlearn import DEV_DOCS, GENERIC_RETAIN, KS
+from ablation.offline.unlearn import DEV_DOCS, GENERIC_RETAIN, KS, OUTLIERS
 from server.errors import CLIError
 
 
@@ -222,6 +222,9 @@ def add_unlearn(sub) -> None:
                    help=f"held-out documents for the loss (not the loss report's; default {DEV_DOCS})")
     p.add_argument("--ks", default=",".join(map(str, KS)), help="how many features of each topic to try "
                    f"(comma-separated; default {','.join(map(str, KS))})")
+    p.add_argument("--outliers", default=",".join(map(str, OUTLIERS)),
+                   help="retain texts a feature may peak above its threshold in, leaving out odd tokens in the "
+                        f"Wikipedia summaries (comma-separated, each a candidate; default {','.join(map(str, OUTLIERS))})")
     p.add_argument("--scales", default="1", help="clamp values to try, as multiples of each feature's mean "
                    "activation (comma-separated; default 1)")
     p.add_argument("--report", type=Path, metavar="DIR",
@@ -247,10 +250,13 @@ def cmd_unlearn(args) -> int:
     try:
         scales = tuple(float(x) for x in args.scales.split(",") if x)
         ks = tuple(int(x) for x in args.ks.split(",") if x)
+        outliers = tuple(sorted({int(x) for x in args.outliers.split(",") if x}))
     except ValueError:
-        raise CLIError(f"--ks, --scales: expected comma-separated numbers, got {args.ks!r}, {args.scales!r}") from None
-    if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0 or not ks or min(ks) < 1:
-        raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0, --ks ≥ 1 and --scales > 0")
+        raise CLIError(f"--ks, --scales, --outliers: expected comma-separated numbers, got {args.ks!r}, "
+                       f"{args.scales!r}, {args.outliers!r}") from None
+    if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0 or not ks or min(ks) < 1 \
+            or not outliers or min(outliers) < 0:
+        raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0, --ks ≥ 1, --outliers ≥ 0 and --scales > 0")
     if args.report and not args.topic:
         raise CLIError("--report needs --topic: the eval topic's prompts and lexicon (hp, sw, hp,sw or a topic YAML)")
     if args.report_limit is not None and args.report_limit < 1:
@@ -267,7 +273,7 @@ def cmd_unlearn(args) -> int:
         lm = load_model(args.model, device="cpu", dtype="float32")
         with tempfile.TemporaryDirectory() as work:
             result = run(lm, args.name, inputs, args.sae or shipped_sae(), Path(work), args.docs, args.generic_retain,
-                         scales, ks)
+                         scales, ks, outliers)
     except (UnlearnError, SAELoadError, ModelLoadError, ProfileError) as e:
         raise CLIError(str(e)) from None
     print(summary(result))

@@ -6,7 +6,10 @@ firing:  firing rate on forget tokens, after dropping features that fire on more
          of retain tokens (after Farrell et al. 2024 / SAEBench)
 ceiling: rate of forget tokens where the feature fires above its highest activation on any retain
          text; that activation becomes the feature's `fires_above`, so a feature that fires weakly
-         on retain text and strongly on the topic (a first-name feature and "Harry") is usable
+         on retain text and strongly on the topic (a first-name feature and "Harry") is usable.
+         With `outliers` = n, the ceiling is the highest activation once the n retain texts where the
+         feature peaks highest are left out: one odd token in 1,500 Wikipedia summaries (" the" in an
+         article on Baghdad) no longer sets a threshold the topic's own prompts seldom reach
 
 The retain side may be several sets (say, other fiction and Wikipedia); a feature is then judged by
 the set it fires on most, so a genre feature cannot pass because a large generic set dilutes it.
@@ -74,14 +77,25 @@ def feature_acts(lm, sae, texts: list[str], layer: int, max_len: int = 128) -> F
     return FeatureActs(torch.cat(acts), ids, doc, pos)
 
 
+def doc_max(fa: FeatureActs) -> torch.Tensor:
+    """[texts, d_sae]: each text's highest activation of every feature (a text's tokens are contiguous)."""
+    cuts = [0] + [i for i in range(1, len(fa.doc)) if fa.doc[i] != fa.doc[i - 1]] + [len(fa.doc)]
+    return torch.stack([fa.acts[a:b].amax(0) for a, b in zip(cuts, cuts[1:])])
+
+
 def rank(forget: FeatureActs, retain: FeatureActs | list[FeatureActs], method: str = "dsg", min_ratio: float = 5.0,
-         max_retain_rate: float = 0.01, top: int = 20) -> list[dict]:
+         max_retain_rate: float = 0.01, top: int = 20, outliers: int = 0) -> list[dict]:
     f = forget.acts
-    groups = [g.acts for g in (retain if isinstance(retain, list) else [retain])]
+    sets = retain if isinstance(retain, list) else [retain]
+    groups = [g.acts for g in sets]
     mean_f, rate_f = f.mean(0), (f > 0).float().mean(0)
     mean_r = torch.stack([g.mean(0) for g in groups]).amax(0)  # worst retain set, per feature
     rate_r = torch.stack([(g > 0).float().mean(0) for g in groups]).amax(0)
-    max_r = torch.stack([g.amax(0) for g in groups]).amax(0)
+    if outliers:
+        peaks = torch.cat([doc_max(g) for g in sets])
+        max_r = peaks.topk(min(outliers + 1, len(peaks)), dim=0).values[-1]
+    else:
+        max_r = torch.stack([g.amax(0) for g in groups]).amax(0)
     ratio = mean_f / mean_r.clamp_min(1e-6)
     if method == "dsg":
         score = torch.where(ratio >= min_ratio, mean_f ** 2, torch.zeros_like(mean_f))

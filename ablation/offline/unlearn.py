@@ -5,10 +5,11 @@ to a profile that forgets it.
    repeat it, dev prompts with a `forget` and a `generic` set.
 2. The SAE's features are ranked by the ceiling method (discover.py): how often a feature fires on the
    forget text above the highest activation it reaches on any retain set (each file judged on its own,
-   plus Wikipedia summaries); that activation becomes its `fires_above`. Each forget file is a topic,
-   ranked on its own, so one profile can forget several topics (one intervention, every topic's features).
-3. Candidates, the recipe of the shipped `hp_unlearn`: the top k features of each topic (k in KS),
-   clamped negative for the rest of the sequence once one fires, SAE error kept. Each is served and
+   plus Wikipedia summaries), or on all but the n retain texts it peaks highest in (n in OUTLIERS); that
+   activation becomes its `fires_above`. Each forget file is a topic, ranked on its own, so one profile
+   can forget several topics (one intervention, every topic's features).
+3. Candidates, the recipe of the shipped `hp_unlearn`: the top k features of each topic (k in KS, for
+   each n), clamped negative for the rest of the sequence once one fires, SAE error kept. Each is served and
    scored on the dev prompts (greedy answers per set) and on cross-entropy over held-out text (the
    held-out documents after those the loss report reads).
 4. The candidate with the fewest forget answers among those keeping generic >= 95% and nearby >= 80% of
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KS = (2, 3, 5, 8, 12, 16)
+# retain texts each feature may peak above its threshold in (discover.rank's `outliers`): 0 = its highest activation
+OUTLIERS = (0,)
 # Wikipedia summaries on the retain side. A feature's `fires_above` is its highest activation there, so each
 # feature fires on about 1 in N unseen generic texts and switches the clamp on. Measured on the loss report's
 # documents: with 300, hp_sw_unlearn at k = 12 added 2.7 % loss (k = 8: 0.5 %); with 1500 the one chosen
@@ -122,9 +125,9 @@ def choose(rows: dict[str, dict], candidates: list[str]) -> tuple[str | None, di
     if not ok:
         return None, why
     if "forget" in base:
-        # ties go to fewer features: the dev prompts cannot tell them apart, and each feature more is one more
-        # chance to switch the clamp on in unseen generic text (see GENERIC_RETAIN)
-        best = min(ok, key=lambda c: (rows[c]["forget"], rows[c]["k"]))
+        # ties go to fewer features, then to the stricter threshold: the dev prompts cannot tell them apart, and
+        # each feature more (or outlier allowed) is one more chance to switch the clamp on in unseen generic text
+        best = min(ok, key=lambda c: (rows[c]["forget"], rows[c]["k"], rows[c].get("outliers", 0)))
     else:
         best = max(ok, key=lambda c: rows[c]["k"])
     return best, why
@@ -165,7 +168,8 @@ def top_of_each(rankings: list[list[dict]], k: int) -> list[dict]:
 
 
 def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = DEV_DOCS,
-        n_wiki: int = GENERIC_RETAIN, scales: tuple[float, ...] = (1.0,), ks: tuple[int, ...] = KS) -> dict:
+        n_wiki: int = GENERIC_RETAIN, scales: tuple[float, ...] = (1.0,), ks: tuple[int, ...] = KS,
+        outliers: tuple[int, ...] = OUTLIERS) -> dict:
     """Ranks, writes and scores the candidates in `work`; -> {rankings, rows, chosen, why, yaml}."""
     from ablation.offline.discover import feature_acts, layer_of, profile_yaml, rank, retain_sets
     from ablation.offline.sweep import score
@@ -175,31 +179,35 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
     hook = sae.cfg.metadata.hook_name
     layer = layer_of(hook)
     retain = [feature_acts(lm, sae, t, layer) for t in retain_sets(inputs.retain, n_wiki)]
-    rankings = [rank(feature_acts(lm, sae, texts, layer), retain, "ceiling", top=max(ks)) for texts in inputs.forget]
-    if not all(rankings):
-        which = " (forget file " + ", ".join(str(i + 1) for i, r in enumerate(rankings) if not r) + ")"
-        raise UnlearnError(f"no feature of {sae_ref} fires on the forget text{which if len(rankings) > 1 else ''} "
+    forget = [feature_acts(lm, sae, texts, layer) for texts in inputs.forget]
+    rankings = {n: [rank(f, retain, "ceiling", top=max(ks), outliers=n) for f in forget] for n in outliers}
+    if not all(rankings[min(outliers)]):
+        which = " (forget file " + ", ".join(str(i + 1) for i, r in enumerate(rankings[min(outliers)]) if not r) + ")"
+        raise UnlearnError(f"no feature of {sae_ref} fires on the forget text{which if len(forget) > 1 else ''} "
                            f"above its highest activation on the retain text: give more (or more specific) forget "
                            f"text, retain text further from the topic, or another SAE (--sae) trained on text that "
                            f"contains the topic (`obliviate sae train --topic FILE`)")
     work.mkdir(parents=True, exist_ok=True)
-    ks = sorted({min(k, max(map(len, rankings))) for k in ks})
-    texts = {}
-    for k in ks:
-        chosen = top_of_each(rankings, k)
-        for scale in scales:
-            cand = f"{name}__k{k}" + (f"_s{scale:g}" if len(scales) > 1 else "")
-            texts[cand] = profile_yaml(cand, lm.name, sae_ref, hook, chosen, True, "sequence", scale, cand)
-            (work / f"{cand}.yaml").write_text(texts[cand])
+    texts, params = {}, {}
+    for n in outliers:
+        for k in sorted({min(k, max(map(len, rankings[n]))) for k in ks}):
+            chosen = top_of_each(rankings[n], k)
+            for scale in scales:
+                cand = f"{name}__k{k}" + (f"_o{n}" if len(outliers) > 1 else "") + \
+                    (f"_s{scale:g}" if len(scales) > 1 else "")
+                texts[cand] = profile_yaml(cand, lm.name, sae_ref, hook, chosen, True, "sequence", scale, cand)
+                params[cand] = {"k": k, "outliers": n, "scale": scale}
+                (work / f"{cand}.yaml").write_text(texts[cand])
     profiles = ["baseline", *texts]
     with serving(lm, work) as srv:
         rows = asyncio.run(score(srv.url, profiles, inputs.dev or {}, n_docs))
     for p, r in rows.items():
-        r["k"] = int(p.rsplit("__k", 1)[1].split("_")[0]) if "__k" in p else 0
+        r.update(params.get(p, {"k": 0, "outliers": 0, "scale": 0.0}))
         r["loss_pct"] = 100 * (r["ce"] - rows["baseline"]["ce"]) / rows["baseline"]["ce"]
     chosen, why = choose(rows, list(texts))
-    return {"rankings": rankings, "rows": rows, "chosen": chosen, "why": why, "yaml": texts,
-            "sae": sae_ref, "hookpoint": hook, "ks": ks}
+    return {"rankings": rankings[params[chosen]["outliers"] if chosen else min(outliers)], "rows": rows,
+            "chosen": chosen, "why": why, "yaml": texts, "sae": sae_ref, "hookpoint": hook,
+            "ks": sorted({p["k"] for p in params.values()}), "outliers": list(outliers)}
 
 
 def final_yaml(name: str, result: dict, inputs: Inputs) -> str:
@@ -211,12 +219,16 @@ def final_yaml(name: str, result: dict, inputs: Inputs) -> str:
     dev = ", ".join(f"{s} {r[s]}/{base[s]} of baseline's" for s in SETS if s in base) or "no dev prompts"
     spec["name"] = name
     each = f" of each of the {len(inputs.forget)} forget topics" if len(inputs.forget) > 1 else ""
+    left_out = f" once the {r['outliers']} retain texts where each peaks highest are left out" if r["outliers"] else ""
     spec["description"] = (f"{name}: the top {r['k']} features{each} of {result['sae']} that fire on the forget text "
-                           f"above their highest activation on the retain text ({len(spec['interventions'][0]['edits'])} "
+                           f"above their highest activation on the retain text{left_out} "
+                           f"({len(spec['interventions'][0]['edits'])} "
                            f"features), clamped negative for the rest of the sequence once one fires (SAE error "
                            f"kept). Made by `obliviate unlearn`.")
+    chosen_from = f"k in {result['ks']}" + (f" and outliers in {result['outliers']}" if len(result["outliers"]) > 1
+                                            else "")
     spec["metadata"]["notes"] = (
-        f"Chosen from k in {result['ks']} (ceiling ranking; forget: "
+        f"Chosen from {chosen_from} (ceiling ranking; forget: "
         f"{' + '.join(str(len(t)) for t in inputs.forget)} texts; retain: "
         f"{sum(map(len, inputs.retain))} texts in {len(inputs.retain)} files + Wikipedia). Dev answers: {dev}; "
         f"loss added {r['loss_pct']:+.2f}% (CE on held-out Wikipedia summaries). Goals: generic >= 95%, nearby >= "

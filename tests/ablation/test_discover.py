@@ -55,6 +55,20 @@ def test_ceiling_keeps_a_feature_that_fires_weakly_on_retain_and_strongly_on_for
     assert top["feature"] == 42 and top["fires_above"] == 1.0 and abs(top["score"] - 1 / 3) < 0.01
 
 
+def test_outliers_leave_out_the_retain_texts_a_feature_peaks_highest_in():
+    """One odd token in one retain text sets the plain ceiling; with outliers=1 that text is left out."""
+    forget = synthetic(600, 64, planted=42)
+    acts = torch.zeros(300, 64)
+    acts[::10, 42] = 1.0  # weak on every retain text (30 texts, 10 tokens each) …
+    acts[7, 42] = 9.0  # … and far above the topic once, in text 0
+    retain = FeatureActs(acts, [0] * 300, [i // 10 for i in range(300)], [i % 10 for i in range(300)])
+    f42 = lambda **kw: [r for r in rank(forget, retain, "ceiling", top=64, **kw) if r["feature"] == 42]  # noqa: E731
+    assert f42() == []
+    assert f42(outliers=1)[0]["fires_above"] == 1.0 and abs(f42(outliers=1)[0]["score"] - 1 / 3) < 0.01
+    acts[17, 42] = 8.0  # a second text above the topic: one outlier is not enough, two are
+    assert f42(outliers=1) == [] and f42(outliers=2)[0]["fires_above"] == 1.0
+
+
 def test_written_profile_clamps_to_minus_mean_activation(tmp_path):
     import yaml
 

@@ -66,6 +66,8 @@ def test_the_rule_keeps_the_goals_then_forgets_most_and_breaks_ties_with_fewer_f
     assert chosen == "b"  # b and c tie on forget: fewer features
     assert why == {"d": "generic 18/20", "e": "loss +2.50%"}
     assert choose(rows, ["d", "e"])[0] is None
+    rows["b2"] = dict(rows["b"], outliers=2)  # the same answers with a looser threshold: the stricter one wins
+    assert choose(rows, ["b2", "b"])[0] == "b"
 
 
 @pytest.mark.parametrize("name,topics", [("hp_dev_prompts.jsonl", "hp"), ("sw_dev_prompts.jsonl", "sw"),
@@ -128,13 +130,15 @@ def test_unlearn_command_on_small_inputs_writes_a_profile_that_serves(tmp_path):
     dev = dev_file(tmp_path / "dev.jsonl", {"forget": 6, "generic": 4, "nearby": 4})
     r = subprocess.run([sys.executable, "-m", "server.cli", "unlearn", "hp_small", "--forget", str(forget),
                         "--retain", str(DATA / "fiction_retain.txt"), "--dev-prompts", str(dev), "--generic-retain",
-                        "20", "--docs", "2", "--ks", "1,3", "--out", str(tmp_path / "profiles")],
+                        "20", "--docs", "2", "--ks", "1,3", "--outliers", "0,2", "--out", str(tmp_path / "profiles")],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
     rows = {ln.split(" | ")[0][2:]: ln for ln in table[1:]}
     assert "baseline" in rows and any(ln.rstrip().endswith("chosen |") for ln in table)
-    assert sorted(ln.split(" | ")[1] for p, ln in rows.items() if p != "baseline") == ["1", "3"]  # --ks: only these
+    assert sorted(p for p in rows if p != "baseline") == ["hp_small__k1_o0", "hp_small__k1_o2", "hp_small__k3_o0",
+                                                          "hp_small__k3_o2"]  # --ks × --outliers: only these
     spec = load_profile(tmp_path / "profiles" / "hp_small.yaml")
     assert spec.name == "hp_small" and spec.interventions[0].edits and spec.interventions[0].keep_error
-    assert "Chosen from k in [1, 3]" in spec.metadata.notes and "Dev answers: forget" in spec.metadata.notes
+    assert "Chosen from k in [1, 3] and outliers in [0, 2]" in spec.metadata.notes
+    assert "Dev answers: forget" in spec.metadata.notes
