@@ -12,30 +12,42 @@ MAX_TOKENS = 10
 
 async def score_items(ctx: EvalContext, items: list[dict], desc: str, with_prob: bool = True) -> dict:
     """Per profile and item: the greedy completion, whether it is correct, whether it mentions a topic
-    being forgotten (its lexicon), and the probability of the first token of the first accepted answer."""
+    being forgotten (its lexicon), the probability of the first token of the first accepted answer, and
+    the completion's fluency: the mean log-probability the first profile (baseline) gives its tokens after
+    the first. Junk such as "</strong> </strong>" scores far lower than a wrong but plausible answer,
+    whose first token alone is unlikely."""
     lex = ctx.topics.lexicon()
     jobs = [(p, it) for p in ctx.profiles for it in items]
     texts = await ctx.gather(f"{desc}: completions", [ctx.greedy(it["prompt"], p, MAX_TOKENS) for p, it in jobs])
-    probs = [None] * len(jobs)
+    probs, fluency = [None] * len(jobs), [None] * len(jobs)
     if with_prob:
         lps = await ctx.gather(f"{desc}: answer probabilities", [
             ctx.continuation_logprobs(it["prompt"], " " + it["answers"][0], p, "familiarity") for p, it in jobs])
         probs = [math.exp(lp[0]) if lp else None for lp in lps]
+        lps = await ctx.gather(f"{desc}: fluency", [
+            ctx.continuation_logprobs(it["prompt"], text, ctx.profiles[0], "familiarity")
+            for (_, it), text in zip(jobs, texts)])
+        fluency = [sum(lp[1:]) / len(lp[1:]) if len(lp) > 1 else None for lp in lps]
     records: dict[str, list[dict]] = {p: [] for p in ctx.profiles}
-    for (p, it), text, prob in zip(jobs, texts, probs):
+    for (p, it), text, prob, flu in zip(jobs, texts, probs, fluency):
         records[p].append({"id": it["id"], "prompt": it["prompt"], "answers": it["answers"], "completion": text,
                            "correct": is_correct(text, it["answers"]), "mentions_topic": bool(lex.search(text)),
-                           "answer_prob": prob, **{k: it[k] for k in ("set", "lang", "domain") if k in it}})
+                           "answer_prob": prob, "fluency": flu,
+                           **{k: it[k] for k in ("set", "lang", "domain") if k in it}})
     return records
+
+
+def mean_of(records: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in records if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
 
 
 def tally(records: list[dict]) -> dict:
     n = len(records) or 1
-    probs = [r["answer_prob"] for r in records if r["answer_prob"] is not None]
     return {"n": len(records), "correct": sum(r["correct"] for r in records),
             "correct_rate": sum(r["correct"] for r in records) / n,
             "mention_rate": sum(r["mentions_topic"] for r in records) / n,
-            "mean_answer_prob": sum(probs) / len(probs) if probs else None}
+            "mean_answer_prob": mean_of(records, "answer_prob"), "mean_fluency": mean_of(records, "fluency")}
 
 
 def reading(profiles: list[str], summary: dict, what: str, forget: list[str]) -> str:
@@ -92,13 +104,16 @@ async def familiarity(ctx: EvalContext) -> dict:
     sets = ctx.prompt_sets(nearby=True)
     recs = {k: await score_items(ctx, v, f"familiarity/{k}") for k, v in sets.items()}
     summary = {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in recs.items()}
-    rows = [[p] + [summary[k][p][m] for k in sets for m in ("correct_rate", "mention_rate", "mean_answer_prob")]
-            for p in ctx.profiles]
-    header = ["profile"] + [f"{k} {m}" for k in sets for m in ("correct", "mentions topic", "P(answer)")]
+    cols = ("correct_rate", "mention_rate", "mean_answer_prob", "mean_fluency")
+    rows = [[p] + [summary[k][p][m] for k in sets for m in cols] for p in ctx.profiles]
+    header = ["profile"] + [f"{k} {m}" for k in sets for m in ("correct", "mentions topic", "P(answer)", "fluency")]
     md = ("# Familiarity\n\n" + reading(ctx.profiles, summary, "Familiarity", ctx.topics.names) +
           "\n\nShare of prompts answered correctly (an accepted answer in the greedy "
-          f"{MAX_TOKENS}-token completion), share of completions that mention {ctx.topics.title} (lexicon), and the "
-          "mean probability of the accepted answer's first token.\n\n" + md_table(header, rows) +
+          f"{MAX_TOKENS}-token completion), share of completions that mention {ctx.topics.title} (lexicon), the "
+          "mean probability of the accepted answer's first token, and fluency: the mean log-probability (nats per "
+          f"token) `{ctx.profiles[0]}` gives each completion after its first token — forgetting that leaves junk "
+          "text (stray markup, repeats) shows as a fall here, a plausible wrong answer hardly.\n\n" +
+          md_table(header, rows) +
           "\n![familiarity](familiarity.png)\n")
     grouped_bars(ctx.out / "familiarity.png", "Familiarity by profile", ctx.profiles,
                  {f"{k} correct": [summary[k][p]["correct_rate"] for p in ctx.profiles] for k in sets}

@@ -38,6 +38,13 @@ def test_familiarity_counts_equal_direct_completions(server, tmp_path):
         assert res["summary"]["hp"][p]["correct"] == n_correct
         assert [r["completion"] for r in res["records"]["hp"][p]] == texts
     assert all(0 < r["answer_prob"] <= 1 for r in res["records"]["hp"]["baseline"])
+    for r in res["records"]["hp"]["t_sae_only"]:  # fluency: baseline's logprobs of the completion after its first token
+        lp = direct.logprobs_of(r["prompt"] + r["completion"], "baseline")[0]
+        mine = [v for v, off in zip(lp.logprobs, lp.offsets) if off >= len(r["prompt"])][1:]
+        assert r["fluency"] == pytest.approx(sum(mine) / len(mine), abs=1e-4) and r["fluency"] < 0
+    fam = res["summary"]["hp"]["baseline"]
+    assert fam["mean_fluency"] == pytest.approx(sum(r["fluency"] for r in res["records"]["hp"]["baseline"]) / 3)
+    assert " hp fluency " in (tmp_path / "familiarity.md").read_text()
     assert (tmp_path / "familiarity.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "familiarity.json").read_text())
     assert saved["provenance"]["profiles"]["t_sae_only"]["interventions"][0]["hookpoint"] == "blocks.6.hook_resid_post"
