@@ -10,7 +10,8 @@ from evals.common import EvalContext, EvalError, is_correct, md_table, write_rep
 MAX_TOKENS = 10
 
 
-async def score_items(ctx: EvalContext, items: list[dict], desc: str, with_prob: bool = True) -> dict:
+async def score_items(ctx: EvalContext, items: list[dict], desc: str, with_prob: bool = True,
+                      with_fluency: bool = True) -> dict:
     """Per profile and item: the greedy completion, whether it is correct, whether it mentions a topic
     being forgotten (its lexicon), the probability of the first token of the first accepted answer, and
     the completion's fluency: the mean log-probability the first profile (baseline) gives its tokens after
@@ -24,6 +25,7 @@ async def score_items(ctx: EvalContext, items: list[dict], desc: str, with_prob:
         lps = await ctx.gather(f"{desc}: answer probabilities", [
             ctx.continuation_logprobs(it["prompt"], " " + it["answers"][0], p, "familiarity") for p, it in jobs])
         probs = [math.exp(lp[0]) if lp else None for lp in lps]
+    if with_fluency:
         lps = await ctx.gather(f"{desc}: fluency", [
             ctx.continuation_logprobs(it["prompt"], text, ctx.profiles[0], "familiarity")
             for (_, it), text in zip(jobs, texts)])
@@ -84,7 +86,8 @@ def robustness_reading(profiles: list[str], leak: dict) -> str:
 
 async def completions(ctx: EvalContext) -> dict:
     sets = ctx.prompt_sets()
-    out = {k: await score_items(ctx, v, f"completions/{k}", with_prob=False) for k, v in sets.items()}
+    out = {k: await score_items(ctx, v, f"completions/{k}", with_prob=False, with_fluency=False)
+           for k, v in sets.items()}
     summary = {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in out.items()}
     md = ["# Completions\n\n", reading(ctx.profiles, summary, "Greedy completions", ctx.topics.names) + "\n\n",
           f"Greedy, {MAX_TOKENS} new tokens. ✓ = an accepted answer appears.\n"]

@@ -58,8 +58,8 @@ def candidates(lm, sae_ref: str, ks: list[int], scales: list[float], out: Path, 
 
 
 async def score(url: str, profiles: list[str], sets: dict[str, list[dict]], n_docs: int) -> dict:
-    """Per profile: correct greedy answers in each prompt set ({prompt, answers} items) and CE on n_docs
-    held-out documents, over HTTP."""
+    """Per profile: correct greedy answers in each prompt set ({prompt, answers} items), the fluency of
+    its completions of the `forget` set (evals.generation), and CE on n_docs held-out documents, over HTTP."""
     from clients.http import AsyncClient
     from evals.common import EvalContext
     from evals.generation import score_items, tally
@@ -70,9 +70,12 @@ async def score(url: str, profiles: list[str], sets: dict[str, list[dict]], n_do
     rows = {p: {} for p in profiles}
     try:
         for name, items in sets.items():
-            recs = await score_items(ctx, items, f"dev/{name}", with_prob=False)
+            recs = await score_items(ctx, items, f"dev/{name}", with_prob=False, with_fluency=name == "forget")
             for p in profiles:
-                rows[p][name] = tally(recs[p])["correct"]
+                t = tally(recs[p])
+                rows[p][name] = t["correct"]
+                if name == "forget":
+                    rows[p]["fluency"] = t["mean_fluency"]
         docs = heldout_docs(n_docs, split="dev")
         for p in profiles:
             lps = await ctx.gather(f"ce/{p}", [ctx.continuation_logprobs("", d, p, "loss") for d in docs])

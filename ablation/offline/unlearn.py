@@ -13,8 +13,8 @@ to a profile that forgets it.
    scored on the dev prompts (greedy answers per set) and on cross-entropy over held-out text (the
    held-out documents after those the loss report reads).
 4. The candidate with the fewest forget answers among those keeping generic >= 95% and nearby >= 80% of
-   baseline's answers and adding <= 2% loss (on a tie, the one with fewer features) is written as
-   NAME.yaml, with its numbers in the notes.
+   baseline's answers and adding <= 2% loss (on a tie, the one with fewer features, then the stricter
+   threshold, then the more fluent forget completions) is written as NAME.yaml, with its numbers in the notes.
    Without dev prompts: the largest k within the loss bound.
 """
 
@@ -126,8 +126,10 @@ def choose(rows: dict[str, dict], candidates: list[str]) -> tuple[str | None, di
         return None, why
     if "forget" in base:
         # ties go to fewer features, then to the stricter threshold: the dev prompts cannot tell them apart, and
-        # each feature more (or outlier allowed) is one more chance to switch the clamp on in unseen generic text
-        best = min(ok, key=lambda c: (rows[c]["forget"], rows[c]["k"], rows[c].get("outliers", 0)))
+        # each feature more (or outlier allowed) is one more chance to switch the clamp on in unseen generic text;
+        # then to the more fluent forget completions (a weaker clamp, --scales, that forgets as much)
+        best = min(ok, key=lambda c: (rows[c]["forget"], rows[c]["k"], rows[c].get("outliers", 0),
+                                      -(rows[c].get("fluency") or 0.0)))
     else:
         best = max(ok, key=lambda c: rows[c]["k"])
     return best, why
@@ -207,7 +209,7 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
     chosen, why = choose(rows, list(texts))
     return {"rankings": rankings[params[chosen]["outliers"] if chosen else min(outliers)], "rows": rows,
             "chosen": chosen, "why": why, "yaml": texts, "sae": sae_ref, "hookpoint": hook,
-            "ks": sorted({p["k"] for p in params.values()}), "outliers": list(outliers)}
+            "ks": sorted({p["k"] for p in params.values()}), "outliers": list(outliers), "scales": list(scales)}
 
 
 def final_yaml(name: str, result: dict, inputs: Inputs) -> str:
@@ -217,6 +219,8 @@ def final_yaml(name: str, result: dict, inputs: Inputs) -> str:
     spec = yaml.safe_load(result["yaml"][result["chosen"]])
     r, base = result["rows"][result["chosen"]], result["rows"]["baseline"]
     dev = ", ".join(f"{s} {r[s]}/{base[s]} of baseline's" for s in SETS if s in base) or "no dev prompts"
+    if r.get("fluency") is not None and base.get("fluency") is not None:
+        dev += f"; forget completions' fluency {r['fluency']:.2f} nats/token (baseline's {base['fluency']:.2f})"
     spec["name"] = name
     each = f" of each of the {len(inputs.forget)} forget topics" if len(inputs.forget) > 1 else ""
     left_out = f" once the {r['outliers']} retain texts where each peaks highest are left out" if r["outliers"] else ""
@@ -225,8 +229,8 @@ def final_yaml(name: str, result: dict, inputs: Inputs) -> str:
                            f"({len(spec['interventions'][0]['edits'])} "
                            f"features), clamped negative for the rest of the sequence once one fires (SAE error "
                            f"kept). Made by `obliviate unlearn`.")
-    chosen_from = f"k in {result['ks']}" + (f" and outliers in {result['outliers']}" if len(result["outliers"]) > 1
-                                            else "")
+    chosen_from = f"k in {result['ks']}" + "".join(f" and {what} in {result[what]}" for what in ("outliers", "scales")
+                                                   if len(result[what]) > 1)
     spec["metadata"]["notes"] = (
         f"Chosen from {chosen_from} (ceiling ranking; forget: "
         f"{' + '.join(str(len(t)) for t in inputs.forget)} texts; retain: "
@@ -245,9 +249,12 @@ def summary(result: dict) -> str:
         warn = (f"\nwarning: the best candidate still answers {chosen['forget']}/{base['forget']} of baseline's forget "
                 f"prompts: the SAE may have few features for this topic (its training text must contain the topic: "
                 f"`obliviate sae train --topic FILE`), or try larger --scales")
-    lines = ["| profile | k | " + " | ".join(sets) + " | CE | loss added | |", "|---" * (len(sets) + 5) + "|"]
+    flu = "forget" in base
+    lines = ["| profile | k | " + " | ".join(sets) + (" | forget fluency" if flu else "") + " | CE | loss added | |",
+             "|---" * (len(sets) + 5 + flu) + "|"]
     for p, r in rows.items():
         mark = "chosen" if p == result["chosen"] else result["why"].get(p, "")
         lines.append(f"| {p} | {r['k']} | " + " | ".join(str(r[s]) for s in sets) +
+                     (f" | {r['fluency']:.2f}" if flu and r["fluency"] is not None else " | —" if flu else "") +
                      f" | {r['ce']:.4f} | {r['loss_pct']:+.2f}% | {mark} |")
     return "\n".join(lines) + warn

@@ -68,6 +68,8 @@ def test_the_rule_keeps_the_goals_then_forgets_most_and_breaks_ties_with_fewer_f
     assert choose(rows, ["d", "e"])[0] is None
     rows["b2"] = dict(rows["b"], outliers=2)  # the same answers with a looser threshold: the stricter one wins
     assert choose(rows, ["b2", "b"])[0] == "b"
+    rows["b"]["fluency"], rows["b_half"] = -3.5, dict(rows["b"], fluency=-2.5)  # a weaker clamp, as forgetful
+    assert choose(rows, ["b", "b_half", "b2"])[0] == "b_half"
 
 
 @pytest.mark.parametrize("name,topics", [("hp_dev_prompts.jsonl", "hp"), ("sw_dev_prompts.jsonl", "sw"),
@@ -141,4 +143,5 @@ def test_unlearn_command_on_small_inputs_writes_a_profile_that_serves(tmp_path):
     spec = load_profile(tmp_path / "profiles" / "hp_small.yaml")
     assert spec.name == "hp_small" and spec.interventions[0].edits and spec.interventions[0].keep_error
     assert "Chosen from k in [1, 3] and outliers in [0, 2]" in spec.metadata.notes
-    assert "Dev answers: forget" in spec.metadata.notes
+    assert "Dev answers: forget" in spec.metadata.notes and "forget completions' fluency" in spec.metadata.notes
+    assert table[0].startswith("| profile | k | forget | generic | nearby | forget fluency | CE |")
