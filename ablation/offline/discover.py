@@ -79,8 +79,8 @@ def feature_acts(lm, sae, texts: list[str], layer: int, max_len: int = 128) -> F
 
 def doc_max(fa: FeatureActs) -> torch.Tensor:
     """[texts, d_sae]: each text's highest activation of every feature (a text's tokens are contiguous)."""
-    cuts = [0] + [i for i in range(1, len(fa.doc)) if fa.doc[i] != fa.doc[i - 1]] + [len(fa.doc)]
-    return torch.stack([fa.acts[a:b].amax(0) for a, b in zip(cuts, cuts[1:])])
+    _, counts = torch.unique_consecutive(torch.tensor(fa.doc), return_counts=True)
+    return torch.stack([rows.amax(0) for rows in fa.acts.split(counts.tolist())])
 
 
 def rank(forget: FeatureActs, retain: FeatureActs | list[FeatureActs], method: str = "dsg", min_ratio: float = 5.0,

@@ -172,7 +172,7 @@ def top_of_each(rankings: list[list[dict]], k: int) -> list[dict]:
 def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = DEV_DOCS,
         n_wiki: int = GENERIC_RETAIN, scales: tuple[float, ...] = (1.0,), ks: tuple[int, ...] = KS,
         outliers: tuple[int, ...] = OUTLIERS) -> dict:
-    """Ranks, writes and scores the candidates in `work`; -> {rankings, rows, chosen, why, yaml}."""
+    """Ranks, writes and scores the candidates in `work`; -> {rows, chosen, why, yaml, …}."""
     from ablation.offline.discover import feature_acts, layer_of, profile_yaml, rank, retain_sets
     from ablation.offline.sweep import score
     from ablation.sae_io import load_sae
@@ -207,8 +207,7 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
         r.update(params.get(p, {"k": 0, "outliers": 0, "scale": 0.0}))
         r["loss_pct"] = 100 * (r["ce"] - rows["baseline"]["ce"]) / rows["baseline"]["ce"]
     chosen, why = choose(rows, list(texts))
-    return {"rankings": rankings[params[chosen]["outliers"] if chosen else min(outliers)], "rows": rows,
-            "chosen": chosen, "why": why, "yaml": texts, "sae": sae_ref, "hookpoint": hook,
+    return {"rows": rows, "chosen": chosen, "why": why, "yaml": texts, "sae": sae_ref, "hookpoint": hook,
             "ks": sorted({p["k"] for p in params.values()}), "outliers": list(outliers), "scales": list(scales)}
 
 
@@ -249,12 +248,12 @@ def summary(result: dict) -> str:
         warn = (f"\nwarning: the best candidate still answers {chosen['forget']}/{base['forget']} of baseline's forget "
                 f"prompts: the SAE may have few features for this topic (its training text must contain the topic: "
                 f"`obliviate sae train --topic FILE`), or try larger --scales")
-    flu = "forget" in base
-    lines = ["| profile | k | " + " | ".join(sets) + (" | forget fluency" if flu else "") + " | CE | loss added | |",
-             "|---" * (len(sets) + 5 + flu) + "|"]
+    cols = sets + (["fluency"] if "forget" in base else [])
+    cell = lambda v: "—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| profile | k | " + " | ".join(sets) + (" | forget fluency" if "fluency" in cols else "") +
+             " | CE | loss added | |", "|---" * (len(cols) + 5) + "|"]
     for p, r in rows.items():
         mark = "chosen" if p == result["chosen"] else result["why"].get(p, "")
-        lines.append(f"| {p} | {r['k']} | " + " | ".join(str(r[s]) for s in sets) +
-                     (f" | {r['fluency']:.2f}" if flu and r["fluency"] is not None else " | —" if flu else "") +
+        lines.append(f"| {p} | {r['k']} | " + " | ".join(cell(r[c]) for c in cols) +
                      f" | {r['ce']:.4f} | {r['loss_pct']:+.2f}% | {mark} |")
     return "\n".join(lines) + warn
