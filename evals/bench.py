@@ -105,7 +105,8 @@ def _server(engine: str, args):
 
 
 async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: str, tokens: int) -> tuple[float, int]:
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+    # ignore_eos (vLLM's too): every request of the workload generates exactly `tokens`
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     if profile != "baseline":
         body["profile"] = profile
     t0 = time.perf_counter()
@@ -163,7 +164,7 @@ async def _short_during_long(url: str, model: str) -> dict:
 
         async def long():
             body = {"model": model, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 1.0,
-                    "seed": 3, "stream": True}
+                    "seed": 3, "stream": True, "ignore_eos": True}
             async with http.stream("POST", "/v1/completions", json=body) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:

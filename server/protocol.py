@@ -81,6 +81,8 @@ class CompletionRequest(OpenAIBaseModel):
     # the ablation profile; may also be given as the model name ("hp_unlearn" or
     # "gemma-3-270m:hp_unlearn") for clients that cannot add fields
     profile: str | None = Field(default=None, max_length=MAX_NAME)
+    # as in vLLM: generate through end-of-sequence tokens until max_tokens (fixed-length workloads)
+    ignore_eos: bool = False
 
     _unicode = field_validator("model", "prompt", "stop", "suffix", "user", "profile")(_check_unicode)
 

@@ -121,7 +121,7 @@ class CompletionServing:
             raise InvalidRequest("at most 4 stop sequences", param="stop")
         return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                               stop=req.stop_list(), seed=req.seed, logprobs=req.logprobs,
-                              prompt_logprobs=req.echo and req.logprobs is not None)
+                              prompt_logprobs=req.echo and req.logprobs is not None, ignore_eos=req.ignore_eos)
 
     def build(self, req: CompletionRequest, profile: str) -> list[Prompt]:
         """The request's prompts as token ids, checked against the vocabulary and the context length."""

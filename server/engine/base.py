@@ -29,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # top-k alternatives per token; None = no logprobs
     prompt_logprobs: bool = False  # echo + logprobs
+    ignore_eos: bool = False  # end-of-sequence tokens do not end the choice (they add no text)
 
     @property
     def greedy(self) -> bool:

@@ -268,17 +268,18 @@ class BuiltinEngine(Engine):
 
     def _append(self, s: Sequence, info: TokenLogprob) -> ChoiceOutput:
         """Records one sampled token and says what the choice gained; a max_tokens of 0 takes none. An
-        end-of-sequence token ends the choice: it is counted and listed (with its logprob, as vLLM does:
-        lm-eval reads the last token as the generated one) but adds no text."""
+        end-of-sequence token ends the choice (unless `ignore_eos`): it is counted and listed (with its
+        logprob, as vLLM does: lm-eval reads the last token as the generated one) but adds no text."""
         if s.params.max_tokens == 0:
             s.finished = True
             out = ChoiceOutput(s.index, s.text.flush(), [], s.num_prompt_tokens, 0, "length", s.prompt_logprobs)
             s.prompt_logprobs = None
             return out
         is_eos = info.token_id in self.eos_ids
+        ends = is_eos and not s.params.ignore_eos
         s.generated += 1
         delta, hit_stop = s.text.push(None if is_eos else info.token_id)
-        reason = "stop" if is_eos or hit_stop else None
+        reason = "stop" if ends or hit_stop else None
         if reason is None and s.generated >= s.params.max_tokens:
             reason = "length"
         if reason:

@@ -101,7 +101,7 @@ class VLLMEngine(Engine):
             # greedy below GREEDY_BELOW as on the built-in engine: vLLM sampled at temperature 1e-300
             n=1, max_tokens=max(params.max_tokens, 1), temperature=0.0 if params.greedy else params.temperature,
             top_p=params.top_p,
-            seed=params.seed, stop=list(params.stop) or None, logprobs=params.logprobs,
+            seed=params.seed, stop=list(params.stop) or None, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
             prompt_logprobs=(params.logprobs or 0) if params.prompt_logprobs else None,
             output_kind=RequestOutputKind.DELTA, extra_args={PROFILE_KEY: profile})
         n_ctx, n_prompt = len(prompt.context_ids), len(prompt.input_ids)

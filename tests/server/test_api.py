@@ -135,6 +135,16 @@ def test_stop_strings_cut_the_text(client):
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
 
+def test_ignore_eos_generates_through_end_of_sequence(client):
+    """vLLM's `ignore_eos`: a prompt whose greedy next token is <eos> still gets max_tokens tokens."""
+    prompt = 'def main():\n    print(\'hi\')\n\n\nif __name__ == "__main__":\n    main()\n'
+    plain = complete(client, prompt=prompt)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens == 1
+    forced = complete(client, prompt=prompt, extra_body={"ignore_eos": True})
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 8
+    assert forced.choices[0].text.strip() and "<eos>" not in forced.choices[0].text
+
+
 def test_models_and_profiles_listing(client, api_server):
     ids = {m.id for m in client.models.list().data}
     assert {"gemma-3-270m", "gemma-3-270m:baseline", "t_clamp", "prompted"} <= ids
@@ -223,7 +233,8 @@ def test_a_client_leaving_a_non_streamed_request_stops_its_generation(api_server
     aborted = metric(url, "obliviate_requests_aborted_total", reason="cancelled")
     with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s of a 400-token request
         httpx.post(url + "/v1/completions", timeout=2,
-                   json={"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "seed": 1})
+                   json={"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "seed": 1,
+                         "ignore_eos": True})
     deadline = time.time() + 10
     while metric(url, "obliviate_requests_aborted_total", reason="cancelled") == aborted and time.time() < deadline:
         time.sleep(0.1)

@@ -129,7 +129,7 @@ def test_short_request_finishes_while_a_long_one_runs(engine):
 
         async def long():
             nonlocal long_tokens
-            params = SamplingParams(max_tokens=200, temperature=1.0, seed=3)  # sampling: no early EOS loop
+            params = SamplingParams(max_tokens=200, temperature=1.0, seed=3, ignore_eos=True)
             async for out in engine.generate("long", [prompt(engine, "Once upon a time")], params, "baseline"):
                 long_tokens = out.num_generated_tokens
                 if long_tokens >= 2:
@@ -154,7 +154,7 @@ def test_short_request_finishes_while_a_long_one_runs(engine):
 def test_leaving_early_aborts_and_frees_the_row(engine):
     async def scenario():
         gen = engine.generate("abandon", [prompt(engine, PROMPTS[0])], SamplingParams(max_tokens=150, temperature=1.0,
-                                                                                       seed=1), "t_sae_only")
+                                                                                       seed=1, ignore_eos=True), "t_sae_only")
         async for out in gen:
             if out.num_generated_tokens >= 2:
                 break
