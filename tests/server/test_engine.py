@@ -153,8 +153,8 @@ def test_short_request_finishes_while_a_long_one_runs(engine):
 
 def test_leaving_early_aborts_and_frees_the_row(engine):
     async def scenario():
-        gen = engine.generate("abandon", [prompt(engine, PROMPTS[0])], SamplingParams(max_tokens=150, temperature=1.0,
-                                                                                       seed=1, ignore_eos=True), "t_sae_only")
+        params = SamplingParams(max_tokens=150, temperature=1.0, seed=1, ignore_eos=True)
+        gen = engine.generate("abandon", [prompt(engine, PROMPTS[0])], params, "t_sae_only")
         async for out in gen:
             if out.num_generated_tokens >= 2:
                 break

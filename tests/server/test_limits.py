@@ -156,7 +156,8 @@ def test_fan_out_beyond_the_limit_is_a_400(limited):
 # ---- overload, disconnects ---------------------------------------------------------------------
 def test_overload_is_a_429_with_retry_after_and_leaving_clients_free_the_engine(limited):
     async def scenario():
-        long = greedy(["Once upon a time"] * ((BATCH + QUEUE) // 2), max_tokens=100, ignore_eos=True)  # two of these fill it
+        # two of these fill it
+        long = greedy(["Once upon a time"] * ((BATCH + QUEUE) // 2), max_tokens=100, ignore_eos=True)
         async with httpx.AsyncClient(base_url=limited.url, timeout=120,
                                      headers={"Authorization": f"Bearer {LAB}"}) as c:
             holders = [asyncio.create_task(c.post("/v1/completions", json=long)) for _ in range(2)]

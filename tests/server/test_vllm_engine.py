@@ -112,8 +112,8 @@ def test_prefix_cache_is_used_but_never_shared_between_profiles(server, vllm_ser
 def test_a_dropped_stream_stops_its_generation(vllm_server):
     url = vllm_server.url
     with httpx.stream("POST", url + "/v1/completions", timeout=300,
-                      json={"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "seed": 1, "ignore_eos": True,
-                            "stream": True, "profile": "hp_unlearn"}) as r:
+                      json={"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "seed": 1,
+                            "ignore_eos": True, "stream": True, "profile": "hp_unlearn"}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 4:
                 break  # the client goes away
