@@ -2,7 +2,8 @@
 
 reconstruct  (keep_error=False): x' = decode(a')           the seed's method; `sae_only` when a' = a
 keep_error   (keep_error=True):  x' = x + decode(a') - decode(a)  only the edited features move x
-where a = encode(x) and a' is a with the chosen features set to their values where `condition` holds.
+where a = encode(x) and a' is a with the chosen features set to their values where `condition` holds
+(`sequence_active`: from the sequence's first firing on, only where each feature is above 0).
 
 Activations come as [B, S, d] rows (each row one sequence) or as flat tokens [N, d] with `seq`
 saying which sequence each token belongs to (a sequence's tokens contiguous and in order), the
@@ -26,7 +27,7 @@ class EditTensors:
     features: torch.Tensor  # [k] long
     values: torch.Tensor  # [k]
     keep_error: bool
-    condition: str  # "always" | "token" | "sequence"
+    condition: str  # "always" | "token" | "sequence" | "sequence_active"
     skip_bos: bool = True
     thresholds: torch.Tensor | None = None  # [k]: a feature fires where its activation is above this
 
@@ -40,6 +41,10 @@ class EditTensors:
             skip_bos=iv.skip_bos,
             thresholds=torch.tensor([e.fires_above for e in iv.edits], dtype=torch.float32, device=device),
         )
+
+    @property
+    def stateful(self) -> bool:
+        return self.condition.startswith("sequence")
 
     @property
     def is_noop(self) -> bool:
@@ -99,7 +104,10 @@ def edit_columns(
     if fired is None:
         fired = torch.zeros(int(seq.max()) + 1, dtype=torch.bool, device=acts.device)
     on, fired = sequence_on(hit.reshape(-1), seq, fired)
-    return sel, torch.where(on.reshape(hit.shape)[..., None], target, sel), fired
+    where = on.reshape(hit.shape)[..., None]
+    if edit.condition == "sequence_active":  # from the first firing on, only where the feature is active
+        where = where & (sel > 0)
+    return sel, torch.where(where, target, sel), fired
 
 
 def decoder_rows(sae: SAE, features: torch.Tensor) -> torch.Tensor:

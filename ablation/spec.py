@@ -14,11 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ablation.residual import Hookpoint
+from protocol.openai import first_error
 
 
 class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file and the problem."""
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -42,12 +42,19 @@ class Intervention(_Strict):
     # true: x + decode(edited) - decode(acts), so only the edited features change the residual.
     keep_error: bool = False
     # where an edit applies: every position; only positions where that feature fires;
-    # or every position from the first one in the sequence where any edited feature fired.
-    condition: Literal["always", "token", "sequence"] = "always"
+    # every position from the first one in the sequence where any edited feature fired ("sequence");
+    # or, from that first firing on, only where each feature is active (above 0: "sequence_active"), so the
+    # edit removes what the features carry instead of adding a fixed vector to every later token.
+    condition: Literal["always", "token", "sequence", "sequence_active"] = "always"
     edits: list[FeatureEdit] = []
     # leave position 0 (BOS, an attention sink with a residual norm ~10x the rest that SAEs are
     # not trained on) untouched; false reproduces hooks that edit every position
     skip_bos: bool = True
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the edit depends on earlier tokens (state carried across decode steps)."""
+        return self.condition.startswith("sequence")
 
     @field_validator("hookpoint")
     @classmethod
@@ -124,9 +131,8 @@ def load_profile(path: str | Path) -> ProfileSpec:
     try:
         spec = ProfileSpec.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "profile"
-        raise ProfileError(f"{path}: {where}: {err['msg']}") from None
+        where, msg = first_error(e, "profile")
+        raise ProfileError(f"{path}: {where}: {msg}") from None
     return _resolve_sae_paths(spec, path)
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 import httpx
 
-from server.protocol import CompletionResponse, ModelList, ProfileList
+from protocol.openai import CompletionResponse, ModelList, ProfileList
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 

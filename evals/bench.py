@@ -20,6 +20,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
+from tqdm import tqdm
+
+from evals.charts import grouped_bars
+from server.cli import comma_list
+from server.errors import CLIError
 
 PROMPTS = [
     "The history of the Roman Empire", "Harry Potter walked into the Great Hall and",
@@ -37,10 +42,11 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="serving speed over HTTP: engines x concurrency x profiles, with ratios")
     p.add_argument("--server", help="benchmark a running server instead of starting one")
     p.add_argument("--model", default="gemma-3-270m", help="the model name requests carry")
-    p.add_argument("--engines", default="builtin", help="comma-separated: builtin, vllm, vllm-plain "
+    p.add_argument("--engines", type=comma_list(), default=["builtin"], help="comma-separated: builtin, vllm, vllm-plain "
                    "(vLLM's own OpenAI server, no hooks)")
-    p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--profiles", default="baseline,hp_unlearn,sae_only,mix")
+    p.add_argument("--concurrency", type=comma_list(int), default=[1, 8, 32])
+    p.add_argument("--profiles", type=comma_list(),
+                   default=["baseline", "hp_unlearn", "sae_only", "mix"])
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--requests", type=int, default=2, help="requests per client (at least 4 in all)")
     p.add_argument("--hf-batch", type=int, default=8, help="plain HF generate at this batch (0: skip)")
@@ -51,18 +57,8 @@ def add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _csv(s: str, kind=str) -> list:
-    try:
-        return [kind(x) for x in s.split(",") if x]
-    except ValueError:
-        from server.errors import CLIError
-        raise CLIError(f"expected a comma-separated list of {kind.__name__}, got {s!r}") from None
-
-
 def cmd_bench(args) -> int:
-    from server.errors import CLIError
-
-    engines, levels, profiles = _csv(args.engines), _csv(args.concurrency, int), _csv(args.profiles)
+    engines, levels, profiles = args.engines, args.concurrency, args.profiles
     if bad := [e for e in engines if e not in ("builtin", "vllm", "vllm-plain")]:
         raise CLIError(f"unknown engine {bad[0]!r}: use builtin, vllm or vllm-plain")
     if not levels or min(levels) < 1 or args.tokens < 1 or args.requests < 1:
@@ -85,15 +81,18 @@ def cmd_bench(args) -> int:
 
 
 def _dtype(args) -> str:
-    from server.models import dtype_name
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
+    from models.loading import dtype_name
+
     return dtype_name(args.dtype)
 
 
 def _server(engine: str, args):
     """A started server for `engine` (`obliviate serve`, or vLLM's own OpenAI server for vllm-plain),
     all in the same dtype."""
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
+    from models.loading import default_cache_dir, prepare_embedded
     from server.live import ServerProcess
-    from server.models import default_cache_dir, prepare_embedded
 
     if engine == "vllm-plain":
         path = prepare_embedded(default_cache_dir())
@@ -116,8 +115,6 @@ async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: s
 
 
 async def _workload(url: str, engine: str, levels: list[int], profiles: list[str], args) -> list[dict]:
-    from tqdm import tqdm
-
     mix = [p for p in profiles if p != "mix"] or ["baseline"]
     out = []
     bar = tqdm(total=sum(max(4, c * args.requests) for c in levels) * len(profiles), desc=f"bench {engine}",
@@ -183,9 +180,10 @@ async def _short_during_long(url: str, model: str) -> dict:
 
 def _hf_generate(model: str, batch: int, tokens: int, dtype: str) -> dict:
     """Plain transformers generate on the same prompts, in this process (no server running)."""
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
     import torch
 
-    from server.models import load_model
+    from models.loading import load_model
 
     lm = load_model(model, dtype=dtype)
     tok = lm.tokenizer
@@ -234,6 +232,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _machine() -> str:
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
     import platform
 
     import torch
@@ -242,8 +241,6 @@ def _machine() -> str:
 
 
 def _write(results: dict, out: Path) -> None:
-    from evals.charts import grouped_bars
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     lines = [f"# obliviate bench ({results['machine']})", "",

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot():
+    # deferred: keeps matplotlib off `obliviate serve`'s start-up (the command line imports the eval commands)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def grouped_bars(path: Path, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str = "") -> None:
     """One cluster of bars per group, one bar per series."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(series)) / 2), 4))
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
@@ -27,6 +33,7 @@ def grouped_bars(path: Path, title: str, groups: list[str], series: dict[str, li
 
 
 def hbars(path: Path, title: str, labels: list[str], values: list[float]) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, max(3, 0.25 * len(labels))))
     ax.barh(range(len(labels))[::-1], values)
     ax.set_yticks(range(len(labels))[::-1], labels, fontsize=8)

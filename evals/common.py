@@ -28,7 +28,6 @@ TOPICS = DATA / "topics"
 class EvalError(RuntimeError):
     """A report that cannot run against this server; the message names the report and why."""
 
-
 def load_jsonl(name: str | Path, split: str = "all", limit: int | None = None) -> list[dict]:
     rows = [json.loads(ln) for ln in (DATA / name).read_text().splitlines() if ln.strip()]
     if split != "all":
@@ -127,6 +126,15 @@ class EvalContext:
     split: str = "test"
     topics: Topics = field(default_factory=lambda: Topics.of("hp"))
     server_info: dict = field(default_factory=dict)
+    # what every other profile is compared with (loss added, fluency, answers kept); joins `profiles` first if absent
+    baseline: str = "baseline"
+
+    def __post_init__(self):
+        self.profiles = [self.baseline, *(p for p in self.profiles if p != self.baseline)]
+
+    @property
+    def others(self) -> list[str]:
+        return self.profiles[1:]
 
     def prompt_sets(self, nearby: bool = False) -> dict[str, list[dict]]:
         """The completion prompt sets of this run's split: one per topic being forgotten, generic, and

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from evals.charts import grouped_bars, hbars
 from clients.http import APIError
+from evals.charts import grouped_bars, hbars
 from evals.common import EvalContext, EvalError, load_jsonl, md_table, write_report
 
 TOP_K = 20
@@ -30,7 +30,7 @@ def mean_probs(dists: list[dict[str, float]]) -> dict[str, float]:
     return {t: v / len(dists) for t, v in total.items()}
 
 
-def reference_of(profile: str, specs: dict[str, dict]) -> str | None:
+def reference_of(profile: str, specs: dict[str, dict], baseline: str = "baseline") -> str | None:
     """What an unlearning profile is compared with, as the study's figure 3 did: `baseline` when every
     intervention keeps the SAE error (only the edited features move the residual), else the plain SAE
     reconstruction at the same hook points (a profile with the same SAEs and no edits). None: not an
@@ -39,14 +39,14 @@ def reference_of(profile: str, specs: dict[str, dict]) -> str | None:
     if not any(iv.get("edits") for iv in ivs):
         return None
     if all(iv.get("keep_error") for iv in ivs):
-        return "baseline"
+        return baseline
     where = {(iv["hookpoint"], iv["sae"]) for iv in ivs}
     for name, spec in specs.items():
         other = (spec or {}).get("interventions") or []
         if other and not any(iv.get("edits") or iv.get("keep_error") for iv in other) \
                 and {(iv["hookpoint"], iv["sae"]) for iv in other} == where:
             return name
-    return "baseline"
+    return baseline
 
 
 async def tokens(ctx: EvalContext) -> dict:
@@ -54,9 +54,9 @@ async def tokens(ctx: EvalContext) -> dict:
     try:
         specs = {p.name: p.model_dump() for p in (await ctx.client.profiles()).data}
     except APIError:
-        specs = {}  # a server without /v1/profiles: compare every profile with the first
-    pairs = [(ref, p) for p in ctx.profiles if (ref := reference_of(p, specs) if specs else
-                                                 (ctx.profiles[0] if p != ctx.profiles[0] else None))]
+        specs = {}  # a server without /v1/profiles: compare every profile with the baseline
+    pairs = [(ref, p) for p in ctx.profiles if (ref := reference_of(p, specs, ctx.baseline) if specs else
+                                                 (ctx.baseline if p != ctx.baseline else None))]
     if not pairs:
         raise EvalError(f"the tokens report needs an unlearning profile (one with edits) among {ctx.profiles}")
     result = {"settings": ctx.settings(max_tokens=1, temperature=0, logprobs=TOP_K),
@@ -64,7 +64,7 @@ async def tokens(ctx: EvalContext) -> dict:
     md, tables = [], []
     sets = ctx.prompt_sets()
     for name, items in sets.items():
-        needed = sorted({x for pair in pairs for x in pair}, key=lambda p: (p != "baseline", p))
+        needed = sorted({x for pair in pairs for x in pair}, key=lambda p: (p != ctx.baseline, p))
         dists = await ctx.gather(f"tokens/{name}", [next_token_probs(ctx, it["prompt"], p)
                                                     for p in needed for it in items])
         mean = {p: mean_probs(dists[i * len(items):(i + 1) * len(items)]) for i, p in enumerate(needed)}
@@ -115,14 +115,13 @@ async def loss(ctx: EvalContext) -> dict:
     for (p, _), lp in zip(jobs, lps):
         per[p] += lp
     ce = {p: -sum(v) / len(v) for p, v in per.items()}
-    base = ce.get("baseline")
+    base = ce[ctx.baseline]
     summary = {p: {"ce": ce[p], "tokens": len(per[p]),
-                   "loss_added": None if base is None else ce[p] - base,
-                   "loss_added_pct": None if base is None else 100 * (ce[p] - base) / base} for p in ctx.profiles}
+                   "loss_added": ce[p] - base, "loss_added_pct": 100 * (ce[p] - base) / base} for p in ctx.profiles}
     reading = "; ".join(f"`{p}` {s['loss_added_pct']:+.2f}%" for p, s in summary.items()
-                        if s["loss_added_pct"] is not None and p != "baseline")
-    md = ("# Loss\n\n" + (f"Against `baseline` ({base:.4f} nats/token over {len(per.get('baseline', []))} tokens), "
-                            f"loss added: {reading}. " if base is not None and reading else "") +
+                        if p != ctx.baseline)
+    md = ("# Loss\n\n" + (f"Against `{ctx.baseline}` ({base:.4f} nats/token over {len(per[ctx.baseline])} tokens), "
+                            f"loss added: {reading}. " if reading else "") +
           "Next-token cross-entropy (nats/token) on held-out Wikipedia summaries the SAE never saw "
           f"({len(docs)} documents), from prompt logprobs.\n\n" +
           md_table(["profile", "CE", "tokens", "loss added", "loss added %"],
@@ -204,12 +203,12 @@ async def trivia(ctx: EvalContext) -> dict:
                         for i, p in enumerate(ctx.profiles)}
     metrics = ("continuation_accuracy", "both_orders_accuracy", "share_a")
     rows = [[p] + [result[k][p][m] for k in sets for m in metrics] for p in ctx.profiles]
-    first, topic = ctx.profiles[0], next(iter(sets))
+    first, topic = ctx.baseline, next(iter(sets))
     share_a = result[topic][first]["share_a"]
     letter, same = ("A", share_a) if share_a >= 0.5 else ("B", 1 - share_a)
     accuracies = lambda p: ", ".join(f"{k} {result[k][p]['continuation_accuracy']:.0%}" for k in sets)  # noqa: E731
     reading = (f"Scored as continuations, `{first}` prefers the true answer on " + accuracies(first) +
-               " of the questions; " + "; ".join(f"`{p}`: {accuracies(p)}" for p in ctx.profiles[1:]) +
+               " of the questions; " + "; ".join(f"`{p}`: {accuracies(p)}" for p in ctx.others) +
                f". The letter format mostly measures position: `{first}` answers '{letter}' {same:.0%} of the "
                f"time on {topic} questions (both orders right: {result[topic][first]['both_orders_accuracy']:.0%}, "
                f"chance 25%).")

@@ -12,14 +12,14 @@ from starlette.exceptions import HTTPException
 
 from ablation.hooks import ProfileTable
 from ablation.spec import load_profiles
+from models.loading import LoadedModel, ModelInfo, dtype_name, load_info, load_model
+from protocol.openai import ErrorInfo, ErrorResponse, first_error
 from server.engine.base import Engine
 from server.engine.builtin import BuiltinEngine
 from server.errors import InvalidRequest, ObliviateError
 from server.keys import Keyring
 from server.limits import BodyLimit
 from server.metrics import Metrics
-from server.models import LoadedModel, ModelInfo, dtype_name, load_info, load_model
-from server.protocol import ErrorInfo, ErrorResponse
 from server.routes import api, ops
 from server.serving import CompletionServing
 from server.settings import Settings
@@ -48,12 +48,10 @@ async def reject(scope, receive, send, e: ObliviateError) -> None:
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     if err.get("type") == "json_invalid":
         return f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}", None
-    param = loc[0] if loc else None
-    where = ".".join(loc) or "body"
-    return f"{where}: {err['msg'].removeprefix('Value error, ')}", param
+    where, msg = first_error(exc, skip=("body",))
+    return f"{where}: {msg}", (where.split(".")[0] if where != "body" else None)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -81,7 +79,7 @@ def add_error_handlers(app: FastAPI) -> None:
 def make_engine(settings: Settings, model, table: ProfileTable) -> Engine:
     """The engine settings.engine names, over a loaded model (builtin) or its folder (vllm)."""
     if settings.engine == "vllm":
-        from server.engine.vllm import VLLMEngine
+        from server.engine.vllm import VLLMEngine  # deferred: vLLM (optional, slow to import) only for this engine
 
         return VLLMEngine(model, table.specs, dtype=dtype_name(settings.dtype, settings.device), max_batch_size=settings.max_batch_size,
                           max_model_len=min(settings.max_model_len, model.max_len),

@@ -1,12 +1,14 @@
-"""The `obliviate` command: serve, eval, sae, features. Each subcommand imports what it needs."""
+"""`obliviate serve`: settings from flags, checks that need no model, then uvicorn."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from protocol.openai import first_error
 from server.errors import CLIError
 
 
@@ -39,17 +41,27 @@ def add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def settings_from(args: argparse.Namespace):
-    from pydantic import ValidationError
+def comma_list(kind=str):
+    """An argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)] (empty items dropped), or a one-line error."""
+    def parse(s: str) -> list:
+        try:
+            return [kind(x.strip()) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {s!r}") from None
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
 
+
+def settings_from(args: argparse.Namespace):
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
     from server.settings import Settings
 
     fields = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     try:
         return Settings(**fields)
     except ValidationError as e:
-        err = e.errors()[0]
-        raise CLIError(f"bad setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where, msg = first_error(e, "settings")
+        raise CLIError(f"bad setting {where}: {msg}") from None
 
 
 def check_serve(settings, api_key_flag: bool) -> None:
@@ -72,13 +84,14 @@ def check_serve(settings, api_key_flag: bool) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
     import uvicorn
 
     from ablation.sae_io import SAELoadError
     from ablation.spec import ProfileError, load_profiles
+    from models.loading import ModelLoadError
     from server.app import build_app, load_model_for, profile_table
     from server.keys import Keyring, KeysError
-    from server.models import ModelLoadError
 
     settings = settings_from(args)
     check_serve(settings, args.api_key is not None)
@@ -95,42 +108,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.drain_timeout)
     return 0
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="obliviate", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    add_serve(sub)
-    for register in _extra_commands():
-        register(sub)
-    return parser
-
-
-def _extra_commands():
-    from ablation.offline.cli import add_features, add_sae, add_unlearn
-    from evals.bench import add_bench
-    from evals.cli import add_eval
-
-    return [add_sae, add_features, add_unlearn, add_eval, add_bench]
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except CLIError as e:
-        print(f"obliviate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

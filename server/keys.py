@@ -24,12 +24,13 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from protocol.openai import first_error
+
 ALL = "*"
 
 
 class KeysError(ValueError):
     """A keys file that cannot be used (one line, for the CLI)."""
-
 
 class KeyEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -114,9 +115,8 @@ def _read(path: Path, profiles: list[str]):
     except yaml.YAMLError as e:
         raise KeysError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(map(str, err["loc"])) or "the file"
-        raise KeysError(f"{path}: {where}: {err['msg']} (expected keys: [{{name, key | sha256, profiles, "
+        where, msg = first_error(e, "the file")
+        raise KeysError(f"{path}: {where}: {msg} (expected keys: [{{name, key | sha256, profiles, "
                         f"default_profile}}])") from None
     names = set()
     for i, e in enumerate(spec.keys, 1):

@@ -60,7 +60,7 @@ class ServerProcess:
                  start_timeout: float = 600):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        base = cmd or [sys.executable, "-m", "server.cli", "serve"]
+        base = cmd or [sys.executable, "-m", "cli", "serve"]
         self.cmd = [*base, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.log, self.start_timeout = log, start_timeout

@@ -11,11 +11,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from protocol.openai import (
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelList,
+    ProfileList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from server.errors import Unauthorized
 from server.keys import OPEN, Access
-from server.protocol import (
-    CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelList, ProfileList, TokenizeRequest, TokenizeResponse,
-)
 from server.serving import CompletionServing
 
 T = TypeVar("T")

@@ -14,20 +14,39 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ablation.spec import ProfileSpec
+from models.loading import ModelInfo
+from protocol.openai import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorInfo,
+    ErrorResponse,
+    Logprobs,
+    ModelCard,
+    ModelList,
+    ProfileCard,
+    ProfileList,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
 from server.engine.base import ChoiceOutput, Engine, EngineError, Prompt, SamplingParams, TokenLogprob
 from server.errors import (
-    EngineFailure, Forbidden, InvalidRequest, ObliviateError, RequestTimeout, Unavailable, UnknownModel,
-    UnknownProfile, shown,
+    EngineFailure,
+    Forbidden,
+    InvalidRequest,
+    ObliviateError,
+    RequestTimeout,
+    Unavailable,
+    UnknownModel,
+    UnknownProfile,
+    shown,
 )
 from server.keys import OPEN, Access
 from server.limits import Admission
 from server.metrics import Metrics
-from server.models import ModelInfo
-from server.protocol import (
-    CompletionChoice, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse, Logprobs,
-    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, ProfileCard, ProfileList, TokenizeRequest,
-    TokenizeResponse, Usage,
-)
 from server.settings import Settings
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ablation.spec import default_profiles_dir
-from server.models import DEFAULT_MODEL, default_cache_dir
+from models.loading import DEFAULT_MODEL, default_cache_dir
 
 
 class Settings(BaseSettings):

@@ -8,8 +8,8 @@ import pytest
 
 from ablation.hooks import ProfileTable
 from ablation.spec import default_profiles_dir, load_profiles
+from models.loading import hooked_transformer, load_model
 from server.live import LiveServer, ServerProcess
-from server.models import hooked_transformer, load_model
 from server.settings import Settings
 from tests.helpers import TEST_PROFILES, build_sae, identity_sae, save_sae, write_profile
 

@@ -74,6 +74,8 @@ TEST_PROFILES = {
                 "edits": [{"feature": 1, "value": -40.0}, {"feature": 2, "value": -40.0}]},
     "t_sequence": {"keep_error": True, "condition": "sequence",
                    "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
+    "t_seq_active": {"keep_error": True, "condition": "sequence_active",
+                     "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
     "t_dead_keep_error": {"keep_error": True, "edits": [{"feature": f, "value": 0.0} for f in DEAD]},
     "t_dead_clamp": {"keep_error": True, "condition": "token",
                      "edits": [{"feature": f, "value": -1000.0} for f in DEAD]},

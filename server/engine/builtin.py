@@ -21,14 +21,22 @@ import torch
 
 from ablation.hooks import CONTEXT_KWARG, HookContext, ProfileTable
 from ablation.residual import decoder_layers, residual_hooks
+from models.loading import LoadedModel
 from server.engine.base import (
-    ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob, choices, drain,
+    ChoiceOutput,
+    Engine,
+    EngineError,
+    EngineStats,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    choices,
+    drain,
 )
 from server.engine.batch import RunningBatch, Sequence
 from server.engine.kv import ATTENTION, KVStep, SlotCache
 from server.engine.sampling import sample, token_logprobs
 from server.engine.textstream import TextStream
-from server.models import LoadedModel
 
 log = logging.getLogger("obliviate.engine")
 

@@ -15,12 +15,26 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
+from vllm import AsyncEngineArgs
+from vllm import SamplingParams as VSamplingParams
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+
 from ablation.spec import ProfileSpec
+from models.loading import ModelInfo
 from server.engine.base import (
-    ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob, choices, drain,
+    ChoiceOutput,
+    Engine,
+    EngineError,
+    EngineStats,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    choices,
+    drain,
 )
 from server.engine.vllm_worker import PROFILE_KEY
-from server.models import ModelInfo
 
 log = logging.getLogger("obliviate.vllm")
 
@@ -38,12 +52,10 @@ class VLLMEngine(Engine):
         self.llm = None
         self._stats = _Stats()
         self._live: dict[str, list[str]] = {}  # our request id -> its vLLM request ids
-        self._stateful = {n for n, s in profiles.items() if any(iv.condition == "sequence" for iv in s.interventions)}
+        self._stateful = {n for n, s in profiles.items() if any(iv.stateful for iv in s.interventions)}
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))  # GiB, CPU backend only
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         o = self.options
         args = AsyncEngineArgs(
@@ -93,8 +105,6 @@ class VLLMEngine(Engine):
     async def _choice(self, rid: str, index: int, prompt: Prompt, params: SamplingParams, profile: str,
                       queue: asyncio.Queue) -> None:
         """One vLLM request; its outputs, converted, go to the request's queue."""
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.sampling_params import RequestOutputKind
 
         salt = f"{profile}:{rid}" if profile in self._stateful else profile
         sp = VSamplingParams(
@@ -146,8 +156,6 @@ class _Stats:
         self.running = self.waiting = self.steps = self.hits = 0
 
     def factory(self, vllm_config, engine_index: int = 0):
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
         stats = self
 
         class Logger(StatLoggerBase):

@@ -28,7 +28,7 @@ class ForwardContexts:
     def __init__(self, runner, table: ProfileTable, device: torch.device):
         self.runner, self.table, self.device = runner, table, device
         self.hookpoints = list(table.by_hook)
-        self.stateful = [hp for hp, entries in table.by_hook.items() if any(e.edit.condition == "sequence"
+        self.stateful = [hp for hp, entries in table.by_hook.items() if any(e.edit.stateful
                                                                              for e in entries)]
         self.profile_of: dict[str, int] = {}  # request id -> profile index
         self.fired: dict[str, torch.Tensor] = {}  # request id -> [len(stateful)] bool, after its last forward

@@ -106,6 +106,20 @@ def test_sequence_condition_starts_at_first_firing_and_respects_padding():
     assert fired.tolist() == [True, False]
 
 
+def test_sequence_active_clamps_only_where_each_feature_is_active_after_the_first_firing():
+    acts = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [5.0, 0.0], [0.0, 0.0]],
+                         [[0.0, 3.0], [0.0, 0.0], [1.0, 2.0], [0.0, 0.0]]])  # [2, 4, 2]
+    _, new, fired = edit_columns(acts, edit(condition="sequence_active", f0=-1.0, f1=-1.0))
+    assert new[0].tolist() == [[-1.0, 0.0], [0.0, -1.0], [-1.0, 0.0], [0.0, 0.0]]  # zeros stay zeros
+    assert new[1].tolist() == [[0.0, -1.0], [0.0, 0.0], [-1.0, -1.0], [0.0, 0.0]]
+    strict = edit(condition="sequence_active", f0=-1.0, f1=-1.0)  # before the first firing: untouched
+    strict = EditTensors(strict.features, strict.values, strict.keep_error, strict.condition,
+                         thresholds=torch.tensor([4.0, 4.0]))
+    _, new, fired = edit_columns(acts, strict)
+    assert new[0].tolist() == [[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 0.0]] and fired.tolist() == [True, False]
+    assert torch.equal(new[1], acts[1])
+
+
 @pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_sequence_condition_carried_across_steps_equals_one_pass(arch, x):
     sae = build_sae(arch, D, 64)

@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from clients.http import AsyncClient, Client
-from ablation.offline.unlearn import DEV_DOCS
 from evals import generation, scoring
 from evals.common import EvalContext, EvalError, Topics, load_jsonl, server_info
+from workshop.recipe import DEV_DOCS
 
 PROFILES = ["baseline", "t_sae_only", "prompted"]
 
@@ -45,9 +45,24 @@ def test_familiarity_counts_equal_direct_completions(server, tmp_path):
     fam = res["summary"]["hp"]["baseline"]
     assert fam["mean_fluency"] == pytest.approx(sum(r["fluency"] for r in res["records"]["hp"]["baseline"]) / 3)
     assert " hp fluency " in (tmp_path / "familiarity.md").read_text()
+    for p in PROFILES:  # the markup and repetition shares are of the very completions scored
+        recs, s = res["records"]["hp"][p], res["summary"]["hp"][p]
+        assert s["markup_rate"] == sum(generation.has_markup(r["completion"]) for r in recs) / len(recs)
+        assert s["repeat_rate"] == sum(generation.repeats(r["completion"]) for r in recs) / len(recs)
+    header = "| profile | prompts | fluency (nats/token) | stray markup | repeats |"
+    assert header in (tmp_path / "familiarity.md").read_text()
     assert (tmp_path / "familiarity.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "familiarity.json").read_text())
     assert saved["provenance"]["profiles"]["t_sae_only"]["interventions"][0]["hookpoint"] == "blocks.6.hook_resid_post"
+
+
+def test_markup_and_repetition_detectors():
+    assert generation.has_markup(' the heart of the art of the <em><strong>"art')
+    assert generation.has_markup("the end</strong>") and generation.has_markup('<div class="x">')
+    assert not generation.has_markup("x < y and y > z, a <- b") and not generation.has_markup("the University")
+    assert generation.repeats("a French-Italian-Italian-Italian-Italian-Italian-Italian")
+    assert generation.repeats("the cat sat. the cat sat. the cat sat.")
+    assert not generation.repeats("the cat sat on the mat and the cat ran")
 
 
 def test_topics_keep_what_is_about_a_forgotten_topic_out_of_nearby():
@@ -170,7 +185,7 @@ def test_server_without_prompt_logprobs_gets_a_clear_message(tmp_path):
 
 
 def test_eval_all_cli_writes_every_report(server, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "server.cli", "eval", "all", "--server", server.url, "--profiles",
+    r = subprocess.run([sys.executable, "-m", "cli", "eval", "all", "--server", server.url, "--profiles",
                         "baseline,t_clamp", "--limit", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -187,7 +202,7 @@ def test_eval_all_cli_writes_every_report(server, tmp_path):
 
 def test_one_report_into_a_new_directory(server, tmp_path):
     out = tmp_path / "new" / "dir"
-    r = subprocess.run([sys.executable, "-m", "server.cli", "eval", "familiarity", "--server", server.url,
+    r = subprocess.run([sys.executable, "-m", "cli", "eval", "familiarity", "--server", server.url,
                         "--profiles", "baseline", "--limit", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -195,6 +210,6 @@ def test_one_report_into_a_new_directory(server, tmp_path):
 
 
 def test_eval_cli_unknown_profile_is_one_line(server, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "server.cli", "eval", "loss", "--server", server.url, "--profiles",
+    r = subprocess.run([sys.executable, "-m", "cli", "eval", "loss", "--server", server.url, "--profiles",
                         "baseline,nope", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("obliviate: error: the server does not serve")

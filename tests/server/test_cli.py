@@ -11,7 +11,7 @@ import yaml
 
 
 def obliviate(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def one_line_error(r):
@@ -49,7 +49,7 @@ def test_unknown_model_name(tmp_path):
 
 def test_sae_train_and_eval_bad_numbers_fail_before_any_work():
     assert "--ship-layer 9 is not one of --layers [6]" in one_line_error(obliviate("sae", "train", "--layers", "6", "--ship-layer", "9"))
-    assert "expected comma-separated integers" in one_line_error(obliviate("sae", "train", "--layers", "six"))
+    assert "expected comma-separated int values" in one_line_error(obliviate("sae", "train", "--layers", "six"))
     assert "--limit ≥ 1" in one_line_error(obliviate("eval", "loss", "--limit", "0"))
 
 
@@ -64,7 +64,7 @@ def test_topic_files_and_topics_are_checked_before_any_work(tmp_path):
     forget = ["--forget", str(empty), "--retain", str(empty)]
     assert "--report needs --topic" in one_line_error(obliviate("unlearn", "x", *forget, "--report", str(tmp_path)))
     assert "--topic: unknown topic 'hpx'" in one_line_error(obliviate("unlearn", "x", *forget, "--topic", "hpx"))
-    assert "--ks, --scales, --outliers: expected comma-separated numbers" in one_line_error(
+    assert "argument --ks: expected comma-separated int values" in one_line_error(
         obliviate("unlearn", "x", *forget, "--ks", "2,many"))
     assert "--ks ≥ 1" in one_line_error(obliviate("unlearn", "x", *forget, "--ks", "0,3"))
     assert "--outliers ≥ 0" in one_line_error(obliviate("unlearn", "x", *forget, "--outliers", "0,-1"))
@@ -83,7 +83,7 @@ def test_features_discover_bad_input_fails_before_the_model_loads(tmp_path):
 def test_bench_bad_arguments_fail_before_any_server_starts():
     assert "unknown engine 'nope'" in one_line_error(obliviate("bench", "--engines", "nope"))
     assert "must be ≥ 1" in one_line_error(obliviate("bench", "--concurrency", "0"))
-    assert "comma-separated list of int" in one_line_error(obliviate("bench", "--concurrency", "eight"))
+    assert "expected comma-separated int values" in one_line_error(obliviate("bench", "--concurrency", "eight"))
 
 
 def test_parallel_flags_need_the_vllm_engine():
@@ -128,7 +128,7 @@ def test_an_include_that_is_not_a_profile_file_is_one_line(tmp_path, include, ne
 
 
 def test_a_truncated_model_cache_is_one_line_that_says_what_to_delete(tmp_path):
-    from server.models import DEFAULT_MODEL, default_cache_dir, prepare_embedded
+    from models.loading import DEFAULT_MODEL, default_cache_dir, prepare_embedded
 
     good = prepare_embedded(default_cache_dir())
     bad = tmp_path / "models" / DEFAULT_MODEL

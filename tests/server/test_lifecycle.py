@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
+from models.loading import load_model
 from server.live import LiveServer, ServerProcess
-from server.models import load_model
 from server.settings import Settings
 from tests.helpers import metric
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from tqdm import tqdm
 
 from ablation.residual import Hookpoint, pad_right, residual_hooks
 
@@ -19,7 +20,6 @@ def residual_batches(lm, rows: list[list[int]], layers: list[int], batch: int = 
                      desc: str = "activations") -> Iterator[tuple[list[int], dict]]:
     """Yields (row lengths, {layer: [B, S, d] fp32 on the CPU}) for right-padded batches of token rows
     (blocks.L.hook_resid_post = the output of decoder layer L), with a progress bar (rows, ETA)."""
-    from tqdm import tqdm
 
     grabbed: dict[int, torch.Tensor] = {}
 

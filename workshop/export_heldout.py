@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from ablation.offline.corpus import wiki_summaries
 from evals.common import DATA
+from workshop.corpus import wiki_summaries
 
 
 def main(n: int = 200) -> None:

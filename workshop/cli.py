@@ -1,21 +1,24 @@
-"""`obliviate sae …` and `obliviate features …`."""
+"""`obliviate sae train`, `obliviate features discover|show` and `obliviate unlearn`: arguments, checks and
+one-line errors."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import tempfile
+import time
 from pathlib import Path
 
-from ablation.offline.corpus import DATA, FICTION
-from ablation.offline.unlearn import DEV_DOCS, GENERIC_RETAIN, KS, OUTLIERS
+import yaml
+
+from clients.http import APIError
+from evals.common import EvalError, Topics
+from server.cli import comma_list
 from server.errors import CLIError
-
-
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+from workshop.corpus import DATA, FICTION, CorpusError, read_texts
+from workshop.inputs import UnlearnError, read_files, read_inputs
+from workshop.recipe import DEV_DOCS, GENERIC_RETAIN, KS, OUTLIERS
 
 
 def add_sae(sub) -> None:
@@ -23,7 +26,8 @@ def add_sae(sub) -> None:
     ssub = p.add_subparsers(dest="sae_command", required=True, parser_class=type(p))
     t = ssub.add_parser("train", help="train a TopK SAE with sae_lens (resumable; deterministic with --seed)")
     t.add_argument("--model", default="gemma-3-270m")
-    t.add_argument("--layers", type=_ints, default=[6, 9], help="layers to compare; the best ships (default 6,9)")
+    t.add_argument("--layers", type=comma_list(int), default=[6, 9],
+                   help="layers to compare; the best ships (default 6,9)")
     t.add_argument("--width", type=int, default=4096)
     t.add_argument("--k", type=int, default=32)
     t.add_argument("--generic-tokens", type=int, default=800_000)
@@ -48,11 +52,8 @@ def add_sae(sub) -> None:
 
 
 def cmd_sae_train(args) -> int:
-    import json
-
-    from ablation.offline.corpus import CorpusError
-    from ablation.offline.train import TrainConfig, mix_key, run
-    from ablation.offline.unlearn import UnlearnError, read_files
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
+    from workshop import train
 
     files = {}
     for flag, paths, what in (("topic_files", args.topic, "topic"), ("prompt_files", args.sample_prompts, "prompt")):
@@ -62,7 +63,7 @@ def cmd_sae_train(args) -> int:
             except UnlearnError as e:
                 raise CLIError(str(e)) from None
             files[flag] = [str(p) for p in paths]
-    cfg = TrainConfig(layers=args.layers, width=args.width, k=args.k, generic_tokens=args.generic_tokens,
+    cfg = train.TrainConfig(layers=args.layers, width=args.width, k=args.k, generic_tokens=args.generic_tokens,
                       topic_repeat=args.topic_repeat, samples_per_prompt=args.samples_per_prompt, epochs=args.epochs,
                       seed=args.seed, eval_docs=args.eval_docs, lr=args.lr, **files)
     if not cfg.layers or min(cfg.layers) < 0 or cfg.width < 1 or not 0 < cfg.k <= cfg.width or cfg.topic_repeat < 0:
@@ -72,7 +73,8 @@ def cmd_sae_train(args) -> int:
     if args.ship_layer is not None and args.ship_layer not in cfg.layers:
         raise CLIError(f"--ship-layer {args.ship_layer} is not one of --layers {cfg.layers}")
     try:
-        card = run(cfg, args.model, args.out, args.work_dir / mix_key(cfg, args.model), args.ship_layer, args.name)
+        card = train.run(cfg, args.model, args.out, args.work_dir / train.mix_key(cfg, args.model), args.ship_layer,
+                         args.name)
     except CorpusError as e:
         raise CLIError(str(e)) from None
     print(json.dumps({k: v for k, v in card.items() if k not in ("config", "compared")}, indent=2))
@@ -118,9 +120,10 @@ def add_features(sub) -> None:
 
 
 def _setup(args):
-    from ablation.offline.discover import layer_of
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
     from ablation.sae_io import SAELoadError, load_sae, shipped_sae
-    from server.models import ModelLoadError, load_model
+    from models.loading import ModelLoadError, load_model
+    from workshop.discover import layer_of
 
     try:
         ref = args.sae or shipped_sae()
@@ -134,8 +137,6 @@ def _setup(args):
 
 
 def _texts(paths, default: list[Path]) -> list[str]:
-    from ablation.offline.discover import read_texts
-
     out = []
     for p in paths or default:
         if not Path(p).exists():
@@ -145,10 +146,8 @@ def _texts(paths, default: list[Path]) -> list[str]:
 
 
 def cmd_features_discover(args) -> int:
-    import json
-
-    from ablation.offline import corpus
-    from ablation.offline.discover import feature_acts, profile_yaml, rank, retain_sets, top_contexts
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
+    from workshop.discover import feature_acts, profile_yaml, rank, retain_sets, top_contexts
 
     if args.fires_above < 0 or args.k < 1:
         raise CLIError("need --fires-above ≥ 0 and --k ≥ 1")
@@ -156,7 +155,7 @@ def cmd_features_discover(args) -> int:
     try:
         given = [_texts([p], []) for p in args.retain or []] or [_texts(FICTION, [])]
         sets = retain_sets(given, args.generic_retain)
-    except corpus.CorpusError as e:
+    except CorpusError as e:
         raise CLIError(str(e)) from None
     lm, sae, ref, hookpoint, layer = _setup(args)
     fa, ra = feature_acts(lm, sae, forget, layer), [feature_acts(lm, sae, t, layer) for t in sets]
@@ -186,7 +185,8 @@ def cmd_features_discover(args) -> int:
 
 
 def cmd_features_show(args) -> int:
-    from ablation.offline.discover import feature_acts, top_contexts
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
+    from workshop.discover import feature_acts, top_contexts
 
     lm, sae, ref, hookpoint, layer = _setup(args)
     bad = [i for i in args.ids if not 0 <= i < sae.cfg.d_sae]
@@ -220,12 +220,12 @@ def add_unlearn(sub) -> None:
                    help=f"Wikipedia summaries added to the retain side (default {GENERIC_RETAIN})")
     p.add_argument("--docs", type=int, default=DEV_DOCS,
                    help=f"held-out documents for the loss (not the loss report's; default {DEV_DOCS})")
-    p.add_argument("--ks", default=",".join(map(str, KS)), help="how many features of each topic to try "
+    p.add_argument("--ks", type=comma_list(int), default=list(KS), help="how many features of each topic to try "
                    f"(comma-separated; default {','.join(map(str, KS))})")
-    p.add_argument("--outliers", default=",".join(map(str, OUTLIERS)),
+    p.add_argument("--outliers", type=comma_list(int), default=list(OUTLIERS),
                    help="retain texts a feature may peak above its threshold in, leaving out odd tokens in the "
                         f"Wikipedia summaries (comma-separated, each a candidate; default {','.join(map(str, OUTLIERS))})")
-    p.add_argument("--scales", default="1", help="clamp values to try, as multiples of each feature's mean "
+    p.add_argument("--scales", type=comma_list(float), default=[1.0], help="clamp values to try, as multiples of each feature's mean "
                    "activation (comma-separated; default 1)")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="then run every eval report (test split) for baseline and NAME into DIR (needs --topic)")
@@ -235,25 +235,9 @@ def add_unlearn(sub) -> None:
 
 
 def cmd_unlearn(args) -> int:
-    import tempfile
-    import time
-
-    import yaml
-
-    from ablation.offline.unlearn import UnlearnError, final_yaml, read_inputs, report, run, summary
-    from ablation.sae_io import SAELoadError, shipped_sae
-    from ablation.spec import ProfileError
-    from server.models import ModelLoadError, load_model
-
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name):
         raise CLIError(f"profile name {args.name!r}: use letters, digits, _ . - (at most 64)")
-    try:
-        scales = tuple(float(x) for x in args.scales.split(",") if x)
-        ks = tuple(int(x) for x in args.ks.split(",") if x)
-        outliers = tuple(sorted({int(x) for x in args.outliers.split(",") if x}))
-    except ValueError:
-        raise CLIError(f"--ks, --scales, --outliers: expected comma-separated numbers, got {args.ks!r}, "
-                       f"{args.scales!r}, {args.outliers!r}") from None
+    scales, ks, outliers = tuple(args.scales), tuple(args.ks), tuple(sorted(set(args.outliers)))
     if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0 or not ks or min(ks) < 1 \
             or not outliers or min(outliers) < 0:
         raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0, --ks ≥ 1, --outliers ≥ 0 and --scales > 0")
@@ -262,7 +246,6 @@ def cmd_unlearn(args) -> int:
     if args.report_limit is not None and args.report_limit < 1:
         raise CLIError("need --report-limit ≥ 1")
     if args.topic:
-        from evals.common import EvalError, Topics
         try:
             Topics.of(args.topic)
         except EvalError as e:
@@ -270,6 +253,15 @@ def cmd_unlearn(args) -> int:
     t0 = time.perf_counter()
     try:
         inputs = read_inputs(args.forget, args.retain, args.dev_prompts)
+    except UnlearnError as e:
+        raise CLIError(str(e)) from None
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
+    from ablation.sae_io import SAELoadError, shipped_sae
+    from ablation.spec import ProfileError
+    from models.loading import ModelLoadError, load_model
+    from workshop.unlearn import final_yaml, report, run, summary
+
+    try:
         lm = load_model(args.model, device="cpu", dtype="float32")
         with tempfile.TemporaryDirectory() as work:
             result = run(lm, args.name, inputs, args.sae or shipped_sae(), Path(work), args.docs, args.generic_retain,
@@ -288,8 +280,6 @@ def cmd_unlearn(args) -> int:
     print(f"\nwrote {path} ({n} features) in {time.perf_counter() - t0:.0f} s; "
           f"serve it with: obliviate serve --profiles {args.out}")
     if args.report:
-        from clients.http import APIError
-        from evals.common import EvalError
         try:
             index = report(lm, args.name, args.out, args.topic, args.report, args.report_limit)
         except (EvalError, APIError, ProfileError) as e:

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger("obliviate.protocol")
 
@@ -186,3 +186,10 @@ class DetokenizeRequest(OpenAIBaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+def first_error(e: ValidationError, whole: str = "body", skip: tuple[str, ...] = ()) -> tuple[str, str]:
+    """A pydantic error as one line: (where, message) of its first problem; `whole` names an empty location."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()) if p not in skip) or whole
+    return where, err["msg"].removeprefix("Value error, ")

@@ -54,21 +54,10 @@ def wiki_summaries(split: str = "train") -> list[tuple[str, str]]:
     return out
 
 
-def sample_continuations(lm, prompts: list[str], per_prompt: int = 4, max_new_tokens: int = 64,
-                         seed: int = 0, batch_size: int = 16) -> list[str]:
-    """The model's own sampled continuations (temperature 0.9, top-p 0.95), prompt included."""
-    import torch
-    from tqdm import tqdm
-
-    tok, model = lm.tokenizer, lm.model
-    tok.padding_side = "left"
-    torch.manual_seed(seed)
-    todo = [p for p in prompts for _ in range(per_prompt)]
-    out = []
-    for i in tqdm(range(0, len(todo), batch_size), desc="sampling continuations"):
-        batch = tok(todo[i:i + batch_size], return_tensors="pt", padding=True).to(lm.device)
-        with torch.inference_mode():
-            gen = model.generate(**batch, do_sample=True, temperature=0.9, top_p=0.95, top_k=0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-        out += tok.batch_decode(gen, skip_special_tokens=True)
-    return out
+def read_texts(path: Path) -> list[str]:
+    """A .txt file (one text per non-empty line) or .jsonl (field text or prompt)."""
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if Path(path).suffix == ".jsonl":
+        rows = [json.loads(ln) for ln in lines]
+        return [r.get("text") or r["prompt"] for r in rows]
+    return lines

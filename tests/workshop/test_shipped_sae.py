@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ablation.offline.card import activation_stats, ce_numbers
 from ablation.sae_io import load_sae
-from ablation.offline.train import heldout_acts
 from evals.common import load_jsonl
+from workshop.card import activation_stats, ce_numbers
+from workshop.train import heldout_acts
 
 SAES = sorted(p for p in (Path(__file__).parents[2] / "ablation" / "saes").glob("*") if (p / "cfg.json").exists())
 

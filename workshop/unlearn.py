@@ -21,90 +21,20 @@ to a profile that forgets it.
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
-KS = (2, 3, 5, 8, 12, 16)
-# retain texts each feature may peak above its threshold in (discover.rank's `outliers`): 0 = its highest activation
-OUTLIERS = (0,)
-# Wikipedia summaries on the retain side. A feature's `fires_above` is its highest activation there, so each
-# feature fires on about 1 in N unseen generic texts and switches the clamp on. Measured on the loss report's
-# documents: with 300, hp_sw_unlearn at k = 12 added 2.7 % loss (k = 8: 0.5 %); with 1500 the one chosen
-# added 0.3 %. 1500 cost about 80 s more.
-GENERIC_RETAIN = 1500
-# held-out documents the loss is read from when choosing (never the loss report's: evals.scoring.heldout_docs)
-DEV_DOCS = 40
-MIN_TEXTS, MIN_CHARS = 8, 2000
-SETS = ("forget", "generic", "nearby")
-GOALS = {"generic": 0.95, "nearby": 0.80, "loss_pct": 2.0}
+import yaml
 
-
-class UnlearnError(ValueError):
-    """Inputs or results that cannot make a profile; the message says what to try."""
-
-
-@dataclass
-class Inputs:
-    forget: list[list[str]]  # one list per forget file: a topic each
-    retain: list[list[str]]  # one list per retain file
-    dev: dict[str, list[dict]] | None  # set -> [{prompt, answers}]
-
-
-def read_files(paths: list[Path], what: str) -> list[list[str]]:
-    from ablation.offline.discover import read_texts
-
-    out = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise UnlearnError(f"{p}: {what} file not found")
-        try:
-            out.append(read_texts(p))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
-            raise UnlearnError(f"{p}: cannot read {what} texts ({type(e).__name__}: {e})") from None
-        if not out[-1]:
-            raise UnlearnError(f"{p}: no {what} text in it (one text a line; lines starting with # are comments)")
-    return out
-
-
-def read_dev(path: Path) -> dict[str, list[dict]]:
-    if not Path(path).is_file():
-        raise UnlearnError(f"{path}: dev prompts file not found")
-    sets: dict[str, list[dict]] = {s: [] for s in SETS}
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            item = {"id": row.get("id", f"{path.stem}{i}"), "prompt": row["prompt"], "answers": list(row["answers"])}
-            sets[row["set"]].append(item)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UnlearnError(f"{path}:{i}: each line must be JSON with prompt, answers (a list) and set "
-                               f"({', '.join(SETS)}); {type(e).__name__}: {e}") from None
-    if not sets["forget"] or not sets["generic"]:
-        raise UnlearnError(f"{path}: need dev prompts in the sets 'forget' and 'generic' (found "
-                           f"{', '.join(f'{k} {len(v)}' for k, v in sets.items())})")
-    return {k: v for k, v in sets.items() if v}
-
-
-def read_inputs(forget: list[Path], retain: list[Path], dev: Path | None) -> Inputs:
-    topics = read_files(forget, "forget")
-    for p, texts in zip(forget, topics):
-        chars = sum(map(len, texts))
-        if len(texts) < MIN_TEXTS or chars < MIN_CHARS:
-            raise UnlearnError(f"{p}: too little forget text ({len(texts)} texts, {chars} characters): give at least "
-                               f"{MIN_TEXTS} texts and {MIN_CHARS} characters about the topic, one text a line")
-    forget_texts = [t for texts in topics for t in texts]
-    retain_sets = read_files(retain, "retain")
-    for p, texts in zip(retain, retain_sets):
-        if len(texts) < 2:
-            raise UnlearnError(f"{p}: {len(texts)} retain texts; give text on what must be kept, one text a line")
-    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
-    shared = {norm(t) for t in forget_texts} & {norm(t) for texts in retain_sets for t in texts}
-    if len(shared) > 0.1 * len(forget_texts):
-        raise UnlearnError(f"{len(shared)} of the {len(forget_texts)} forget texts are also in the retain files: "
-                           f"the retain text must be about other things")
-    return Inputs(topics, retain_sets, read_dev(dev) if dev else None)
+from ablation.hooks import ProfileTable
+from ablation.sae_io import load_sae
+from ablation.spec import default_profiles_dir, load_profiles
+from evals.cli import run_reports
+from server.live import LiveServer
+from server.settings import Settings
+from workshop.discover import feature_acts, layer_of, profile_yaml, rank, retain_sets
+from workshop.inputs import SETS, Inputs, UnlearnError
+from workshop.recipe import DEV_DOCS, GENERIC_RETAIN, GOALS, KS, OUTLIERS
+from workshop.scoring import score
 
 
 def choose(rows: dict[str, dict], candidates: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -137,10 +67,6 @@ def choose(rows: dict[str, dict], candidates: list[str]) -> tuple[str | None, di
 
 def serving(lm, profiles_dir: Path):
     """A loopback server (real HTTP) of `lm` with the shipped profiles and those in `profiles_dir`."""
-    from ablation.hooks import ProfileTable
-    from ablation.spec import default_profiles_dir, load_profiles
-    from server.live import LiveServer
-    from server.settings import Settings
 
     dirs = [default_profiles_dir(), profiles_dir]
     return LiveServer(Settings(profiles=dirs), lm, ProfileTable(load_profiles(dirs, lm.name), lm.device, lm.dtype))
@@ -148,14 +74,9 @@ def serving(lm, profiles_dir: Path):
 
 def report(lm, name: str, profiles_dir: Path, topics: str, out: Path, limit: int | None = None) -> Path:
     """Every eval report for `baseline` and NAME on the topics' test split, against a loopback server."""
-    import argparse
-
-    from evals.cli import run_reports
 
     with serving(lm, profiles_dir) as srv:
-        args = argparse.Namespace(server=srv.url, model=None, api_key=None, profile_via="field", concurrency=8,
-                                  out=out, limit=limit, split="test", topic=topics, report="all")
-        asyncio.run(run_reports(args, ["baseline", name]))
+        asyncio.run(run_reports(srv.url, [name], out, topic=topics, baseline="baseline", limit=limit))
     return out / "index.md"
 
 
@@ -173,9 +94,6 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
         n_wiki: int = GENERIC_RETAIN, scales: tuple[float, ...] = (1.0,), ks: tuple[int, ...] = KS,
         outliers: tuple[int, ...] = OUTLIERS) -> dict:
     """Ranks, writes and scores the candidates in `work`; -> {rows, chosen, why, yaml, …}."""
-    from ablation.offline.discover import feature_acts, layer_of, profile_yaml, rank, retain_sets
-    from ablation.offline.sweep import score
-    from ablation.sae_io import load_sae
 
     sae = load_sae(sae_ref)
     hook = sae.cfg.metadata.hook_name
@@ -213,7 +131,6 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
 
 def final_yaml(name: str, result: dict, inputs: Inputs) -> str:
     """The chosen candidate under its own name, with how it was chosen in its notes."""
-    import yaml
 
     spec = yaml.safe_load(result["yaml"][result["chosen"]])
     r, base = result["rows"][result["chosen"]], result["rows"]["baseline"]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM
 
-from ablation.spec import load_profiles
 from ablation.sae_io import SAELoadError, load_sae
-from server.models import ModelLoadError, load_model, resolve
-from server.settings import Settings
+from ablation.spec import load_profiles
+from models.loading import ModelLoadError, load_model, resolve
 from server.live import LiveServer
+from server.settings import Settings
 from tests.helpers import build_sae, save_sae, write_profile
 
 
@@ -57,7 +57,7 @@ def test_embedded_tokenizer_starts_with_bos_and_a_cache_without_it_is_fixed(lm, 
     """The GGUF's tokenizer, as transformers 5 converts it, does not add <bos>; the cached folder must."""
     from transformers import AutoTokenizer
 
-    from server.models import DEFAULT_MODEL, prepare_embedded
+    from models.loading import DEFAULT_MODEL, prepare_embedded
 
     assert lm.tokenizer("Hello world").input_ids[0] == lm.tokenizer.bos_token_id
     old = tmp_path / "models" / DEFAULT_MODEL  # a cache converted before the fix: same files, no <bos>

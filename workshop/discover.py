@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from ablation.edit import encode
-from ablation.offline.activations import residual_batches
 from ablation.residual import Hookpoint
+from workshop import corpus
+from workshop.activations import residual_batches
 
 
 @dataclass
@@ -38,18 +40,8 @@ class FeatureActs:
     pos: list[int]  # [T] position in that text's token row
 
 
-def read_texts(path: Path) -> list[str]:
-    """A .txt file (one text per non-empty line) or .jsonl (field text or prompt)."""
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    if Path(path).suffix == ".jsonl":
-        rows = [json.loads(ln) for ln in lines]
-        return [r.get("text") or r["prompt"] for r in rows]
-    return lines
-
-
 def retain_sets(sets: list[list[str]], n_wiki: int) -> list[list[str]]:
     """The given retain sets, plus one of n_wiki Wikipedia summaries from the SAE's training split."""
-    from ablation.offline import corpus
 
     return sets + ([[t for _, t in corpus.wiki_summaries("train")[:n_wiki]]] if n_wiki else [])
 
@@ -133,7 +125,6 @@ def profile_yaml(name: str, model: str, sae_ref: str, hookpoint: str, features: 
     """A profile clamping each feature to -value_scale x its mean activation where active (0 -> ablate).
     A feature counts as active above its ranking's `fires_above` (method ceiling), else above
     fires_above x its mean activation."""
-    import yaml
 
     edits = [{"feature": f["feature"], "value": round(-value_scale * f["mean_when_active"], 3)} for f in features]
     for e, f in zip(edits, features):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,9 +26,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ablation.offline import corpus
-from ablation.offline.activations import residual_batches
-from ablation.offline.discover import read_texts
+from ablation.sae_io import load_sae
+from models.loading import load_model
+from workshop import corpus
+from workshop.activations import residual_batches
+from workshop.card import activation_stats, card_markdown, ce_numbers
+from workshop.corpus import read_texts
 
 log = logging.getLogger("obliviate.train")
 
@@ -61,6 +66,24 @@ def token_chunks(tok, texts: list[str], ctx_len: int, budget: int | None = None)
     return [[tok.bos_token_id] + ids[i:i + n] for i in range(0, len(ids) - n + 1, n)]
 
 
+def sample_continuations(lm, prompts: list[str], per_prompt: int = 4, max_new_tokens: int = 64,
+                         seed: int = 0, batch_size: int = 16) -> list[str]:
+    """The model's own sampled continuations (temperature 0.9, top-p 0.95), prompt included."""
+
+    tok, model = lm.tokenizer, lm.model
+    tok.padding_side = "left"
+    torch.manual_seed(seed)
+    todo = [p for p in prompts for _ in range(per_prompt)]
+    out = []
+    for i in tqdm(range(0, len(todo), batch_size), desc="sampling continuations"):
+        batch = tok(todo[i:i + batch_size], return_tensors="pt", padding=True).to(lm.device)
+        with torch.inference_mode():
+            gen = model.generate(**batch, do_sample=True, temperature=0.9, top_p=0.95, top_k=0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+        out += tok.batch_decode(gen, skip_special_tokens=True)
+    return out
+
+
 def build_mix(lm, cfg: TrainConfig, work: Path) -> dict:
     path = work / "mix.json"
     if path.exists():
@@ -68,7 +91,7 @@ def build_mix(lm, cfg: TrainConfig, work: Path) -> dict:
     generic = [t for _, t in corpus.wiki_summaries("train")]
     random.Random(cfg.seed).shuffle(generic)
     prompts = [p for f in cfg.prompt_files for p in read_texts(f)]
-    samples = (corpus.sample_continuations(lm, prompts, cfg.samples_per_prompt, seed=cfg.seed)
+    samples = (sample_continuations(lm, prompts, cfg.samples_per_prompt, seed=cfg.seed)
                if cfg.samples_per_prompt and prompts else [])
     topic = [t for f in cfg.topic_files for t in read_texts(f)] + samples
     g = token_chunks(lm.tokenizer, generic, cfg.ctx_len, cfg.generic_tokens)
@@ -116,6 +139,7 @@ def train_sae(acts: torch.Tensor, layer: int, cfg: TrainConfig, model_name: str)
     """acts: [N, d_model] raw residuals. Trained on acts * scale (mean norm sqrt(d_model)); b_dec starts
     at their mean (Gemma's residual is ~95% one constant direction: without it, nearly every feature
     dies); the scale is folded back into the weights at the end."""
+    # deferred: sae_lens' trainer pulls in its training stack (wandb config, datasets), only `sae train` needs it
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -156,8 +180,6 @@ def heldout_acts(lm, rows: list[list[int]], layers: list[int]) -> dict[int, torc
 def _save(sae, path: Path, card: dict, lm, layer: int, rows, acts: torch.Tensor) -> dict:
     """Saves fp16 when the card's numbers survive the round trip, else fp32. acts: the held-out
     activations the card was measured on."""
-    from ablation.offline.card import activation_stats, ce_numbers
-    from ablation.sae_io import load_sae
 
     sae.to(torch.float16).save_model(path)
     back = load_sae(str(path))
@@ -173,7 +195,6 @@ def _save(sae, path: Path, card: dict, lm, layer: int, rows, acts: torch.Tensor)
 
 def train_or_reuse(path: Path, load_acts, layer: int, cfg: TrainConfig, model_name: str):
     """Trains a candidate once (saved under `path`); a rerun reuses it. -> (inference SAE, train seconds)."""
-    from ablation.sae_io import load_sae
 
     if not (path / "cfg.json").exists():
         t0 = time.perf_counter()
@@ -210,8 +231,6 @@ def candidate_key(cfg: TrainConfig, layer: int) -> str:
 
 def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | None = None,
         name: str | None = None) -> dict:
-    from ablation.offline.card import activation_stats, card_markdown, ce_numbers
-    from server.models import load_model
 
     t0 = time.perf_counter()
     times = {}
@@ -241,12 +260,29 @@ def run(cfg: TrainConfig, model: str, out: Path, work: Path, ship_layer: int | N
             "timings_s": {**times, "total_s": time.perf_counter() - t0}, "machine": _machine()}
     card = _save(saes[layer], path, card, lm, layer, rows, held_acts[layer])
     (path / "card.json").write_text(json.dumps(card, indent=2))
-    (path / "card.md").write_text(card_markdown(card))
+    (path / "card.md").write_text(card_markdown(card, reproduce(card)))
     return card
 
 
-def _machine() -> str:
-    import os
-    import platform
+# TrainConfig fields with a command-line flag of their own (layers and text files are named above)
+_FLAGS = {"width": "--width", "k": "--k", "generic_tokens": "--generic-tokens", "topic_repeat": "--topic-repeat",
+          "samples_per_prompt": "--samples-per-prompt", "epochs": "--epochs", "eval_docs": "--eval-docs",
+          "lr": "--lr", "seed": "--seed"}
 
+
+def reproduce(card: dict) -> str:
+    """The `obliviate sae train` command line of a card (topic files named as in the shipped data folder)."""
+    cfg, data = card["config"], "workshop/data/"
+    args = [f"--layers {','.join(map(str, cfg['layers']))}"] if cfg["layers"] != [6, 9] else []
+    if cfg["topic_files"] != ["hp_topic.txt"] or cfg["prompt_files"] != ["hp_sampling_prompts.txt"]:
+        args += [f"--topic {data}{f}" for f in cfg["topic_files"]] + [f"--sample-prompts {data}{f}"
+                                                                       for f in cfg["prompt_files"]]
+    defaults = asdict(TrainConfig())
+    args += [f"{flag} {cfg[f]}" for f, flag in _FLAGS.items() if f in cfg and cfg[f] != defaults[f]]
+    if card.get("name"):
+        args.append(f"--name {card['name']}")
+    return "`" + " ".join(["obliviate sae train", *args]) + f"` (seed {cfg['seed']})"
+
+
+def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ablation.sae_io import load_sae
-from ablation.offline.corpus import DATA
-from ablation.offline.train import TrainConfig, mix_key, run, train_sae
+from workshop.corpus import DATA
+from workshop.train import TrainConfig, mix_key, run, train_sae
 
 TOPICS = [str(DATA / "hp_topic.txt"), str(DATA / "sw_topic.txt")]
 
@@ -38,8 +38,8 @@ def test_tiny_training_writes_a_loadable_sae_and_card(tiny_run):
     assert saved["text_mix"]["topic_files"] == ["hp_topic.txt", "sw_topic.txt"]
     assert "`hp_topic.txt`, `sw_topic.txt`" in (path / "card.md").read_text()
     # the card's command line carries every setting that differs from the defaults
-    assert ("`obliviate sae train --layers 2,3 --topic ablation/offline/data/hp_topic.txt --topic "
-            "ablation/offline/data/sw_topic.txt --sample-prompts ablation/offline/data/hp_sampling_prompts.txt "
+    assert ("`obliviate sae train --layers 2,3 --topic workshop/data/hp_topic.txt --topic "
+            "workshop/data/sw_topic.txt --sample-prompts workshop/data/hp_sampling_prompts.txt "
             "--width 128 --k 8 --generic-tokens 12000 --topic-repeat 1 --samples-per-prompt 0 --epochs 3 "
             "--eval-docs 6` (seed 0)") in (path / "card.md").read_text()
 

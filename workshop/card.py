@@ -3,12 +3,9 @@ held-out text with the layer clean, replaced by the SAE's reconstruction, or zer
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 
 from ablation.edit import EditTensors, apply_edits, encode
-from ablation.offline.train import TrainConfig
 from ablation.residual import Hookpoint, pad_right, residual_hooks
 
 
@@ -56,27 +53,8 @@ def ce_numbers(lm, sae, layer: int, token_rows: list[list[int]], reference: dict
             "ce_loss_recovered": (zero - spliced) / (zero - clean), "ce_eval_tokens": sum(map(len, token_rows))}
 
 
-# TrainConfig fields with a command-line flag of their own (layers and text files are named above)
-_FLAGS = {"width": "--width", "k": "--k", "generic_tokens": "--generic-tokens", "topic_repeat": "--topic-repeat",
-          "samples_per_prompt": "--samples-per-prompt", "epochs": "--epochs", "eval_docs": "--eval-docs",
-          "lr": "--lr", "seed": "--seed"}
-
-
-def reproduce(card: dict) -> str:
-    """The `obliviate sae train` command line of a card (topic files named as in the shipped data folder)."""
-    cfg, data = card["config"], "ablation/offline/data/"
-    args = [f"--layers {','.join(map(str, cfg['layers']))}"] if cfg["layers"] != [6, 9] else []
-    if cfg["topic_files"] != ["hp_topic.txt"] or cfg["prompt_files"] != ["hp_sampling_prompts.txt"]:
-        args += [f"--topic {data}{f}" for f in cfg["topic_files"]] + [f"--sample-prompts {data}{f}"
-                                                                       for f in cfg["prompt_files"]]
-    defaults = asdict(TrainConfig())
-    args += [f"{flag} {cfg[f]}" for f, flag in _FLAGS.items() if f in cfg and cfg[f] != defaults[f]]
-    if card.get("name"):
-        args.append(f"--name {card['name']}")
-    return "`" + " ".join(["obliviate sae train", *args]) + f"` (seed {cfg['seed']})"
-
-
-def card_markdown(card: dict) -> str:
+def card_markdown(card: dict, reproduce: str) -> str:
+    """The card as markdown; `reproduce` is the command line that remakes the SAE."""
     mix = card["text_mix"]
     repeat = mix["topic_repeat"]
     topics = (f"{mix['topic_samples']} of the model's own sampled continuations of the prompts in "
@@ -89,7 +67,7 @@ def card_markdown(card: dict) -> str:
 TopK SAE (k={card['k']}, width {card['width']}) trained with sae_lens (`TopKTrainingSAE`, `SAETrainer`) on
 normalised residual activations; the normalisation scale is folded back, so the saved SAE works on raw
 activations. Stored as {card['storage_dtype']} (fp16 round-trip drift of the card numbers:
-{card['fp16_round_trip_drift']:.4f}). Reproduce with {reproduce(card)}.
+{card['fp16_round_trip_drift']:.4f}). Reproduce with {reproduce}.
 
 | | |
 |---|---|

