@@ -30,6 +30,7 @@ class EditTensors:
     condition: str  # "always" | "token" | "sequence" | "sequence_active"
     skip_bos: bool = True
     thresholds: torch.Tensor | None = None  # [k]: a feature fires where its activation is above this
+    generated: str = "same"  # at generated tokens: "same" | "zero" (values 0) | "off" (no edit)
 
     @classmethod
     def from_intervention(cls, iv: Intervention, device: torch.device | str = "cpu") -> "EditTensors":
@@ -40,6 +41,7 @@ class EditTensors:
             condition=iv.condition,
             skip_bos=iv.skip_bos,
             thresholds=torch.tensor([e.fires_above for e in iv.edits], dtype=torch.float32, device=device),
+            generated=iv.generated,
         )
 
     @property
@@ -85,13 +87,16 @@ def edit_columns(
     valid: torch.Tensor | None = None,
     fired: torch.Tensor | None = None,
     seq: torch.Tensor | None = None,
+    prompt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """acts: [..., d_sae]; valid: [...] bool (False at padding and BOS); fired: [R] bool, whether an
     edited feature fired earlier in each sequence (condition "sequence", carried across decode
-    steps); seq: see token_sequences. Returns the edited features' old and new activations
-    ([..., k] each) and the updated `fired`."""
+    steps); seq: see token_sequences; prompt: [...] bool, True at prompt tokens (None: all are).
+    Returns the edited features' old and new activations ([..., k] each) and the updated `fired`."""
     sel = acts[..., edit.features]  # [..., k]
     target = edit.values.to(acts.dtype).expand_as(sel)
+    if edit.generated == "zero" and prompt is not None:  # generated tokens: set to 0, not to the values
+        target = torch.where(prompt[..., None], target, torch.zeros_like(target))
     active = sel > (0 if edit.thresholds is None else edit.thresholds.to(acts.dtype))
     if edit.condition == "always":
         return sel, target, fired
@@ -126,20 +131,24 @@ def apply_edits(
     valid: torch.Tensor | None = None,
     fired: torch.Tensor | None = None,
     seq: torch.Tensor | None = None,
+    prompt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: [..., d_model] residual ([B, S, d] rows or [N, d] tokens) -> (edited residual in x's
     dtype, updated `fired`). valid: [...] positions that may be edited and may count as firing
-    (False at padding, BOS)."""
+    (False at padding, BOS); prompt: [...] True at prompt tokens (None: every token is one)."""
     if edit.is_noop:
         return x, fired
     acts = encode(sae, x)
     if edit.features.numel() == 0:  # sae_only
         out = sae.decode(acts).to(x.dtype)
     else:
-        old, new, fired = edit_columns(acts, edit, valid, fired, seq)
+        old, new, fired = edit_columns(acts, edit, valid, fired, seq, prompt)
         if edit.keep_error:  # x + sum_f (a'_f - a_f) W_dec[f]
             out = x + ((new - old) @ decoder_rows(sae, edit.features)).to(x.dtype)
         else:
             acts[..., edit.features] = new
             out = sae.decode(acts).to(x.dtype)
-    return (out if valid is None else torch.where(valid[..., None], out, x)), fired
+    keep = valid
+    if edit.generated == "off" and prompt is not None:  # generated tokens keep their residual
+        keep = prompt if keep is None else keep & prompt
+    return (out if keep is None else torch.where(keep[..., None], out, x)), fired

@@ -74,14 +74,17 @@ class HookContext:
     seq: torch.Tensor  # [N] long: the sequence each token belongs to (contiguous, in order)
     first: torch.Tensor  # [N] bool: position 0 (BOS)
     fired: dict[Hookpoint, torch.Tensor]  # [R] bool per hook point: fired earlier in the sequence; updated
+    prompt: torch.Tensor | None = None  # [N] bool: a prompt token (False: one the model generated); None: all
 
     @classmethod
     def build(cls, profiles: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
-              fired: dict[Hookpoint, torch.Tensor], device: torch.device | str) -> "HookContext":
-        """profiles, seq, positions: [N] per token (any device) -> the context on `device`."""
+              fired: dict[Hookpoint, torch.Tensor], device: torch.device | str,
+              prompt: torch.Tensor | None = None) -> "HookContext":
+        """profiles, seq, positions, prompt: [N] per token (any device) -> the context on `device`."""
         profiles = profiles.cpu()
         rows_for = {p: (profiles == p).nonzero().squeeze(-1).to(device) for p in profiles.unique().tolist()}
-        return cls(rows_for, seq.to(device), positions.to(device) == 0, fired)
+        return cls(rows_for, seq.to(device), positions.to(device) == 0, fired,
+                   None if prompt is None else prompt.to(device))
 
 
 class ResidualHook:
@@ -100,7 +103,9 @@ class ResidualHook:
             if idx is None or e.edit.is_noop:
                 continue
             valid = ~ctx.first[idx] if e.edit.skip_bos else None
-            y, fired = apply_edits(flat[idx], e.sae, e.edit, valid, ctx.fired.get(self.hookpoint), ctx.seq[idx])
+            prompt = None if ctx.prompt is None else ctx.prompt[idx]
+            y, fired = apply_edits(flat[idx], e.sae, e.edit, valid, ctx.fired.get(self.hookpoint), ctx.seq[idx],
+                                   prompt)
             if fired is not None:
                 ctx.fired[self.hookpoint] = fired
             out = flat.clone() if out is None else out

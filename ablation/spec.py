@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablation.residual import Hookpoint
 from protocol.openai import first_error
@@ -47,6 +47,10 @@ class Intervention(_Strict):
     # edit removes what the features carry instead of adding a fixed vector to every later token.
     condition: Literal["always", "token", "sequence", "sequence_active"] = "always"
     edits: list[FeatureEdit] = []
+    # at the tokens the model generated (the prompt's always take `edits` as written): "same"; "zero": the
+    # edited features set to 0 instead of their (negative) values, so the text that replaces a forgotten
+    # answer is not pushed off-distribution; "off": not edited
+    generated: Literal["same", "zero", "off"] = "same"
     # leave position 0 (BOS, an attention sink with a residual norm ~10x the rest that SAEs are
     # not trained on) untouched; false reproduces hooks that edit every position
     skip_bos: bool = True
@@ -75,7 +79,21 @@ class ProfileSpec(_Strict):
     model: str | None = None
     prefix: str = ""
     interventions: list[Intervention] = []
+    # once an edit with a `sequence` condition has switched on, tokens that open or close an HTML tag are
+    # not sampled (ablation/guard.py): the replacement text cannot show `</strong>`-style debris
+    markup_guard: bool = False
     metadata: ProfileMetadata = ProfileMetadata()
+
+    def to_yaml(self) -> str:
+        """The profile file for this spec (defaults left out; `load_profile` reads it back equal)."""
+        return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False, width=100)
+
+    @model_validator(mode="after")
+    def _guard_needs_a_sequence_edit(self) -> "ProfileSpec":
+        if self.markup_guard and not any(iv.stateful for iv in self.interventions):
+            raise ValueError("markup_guard needs an intervention with condition sequence or sequence_active "
+                             "(it switches on with the edit)")
+        return self
 
     @field_validator("interventions")
     @classmethod

@@ -179,6 +179,18 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
+class TokenizerInfo(BaseModel):
+    """vLLM's /tokenizer_info: what a client needs to tokenize as the server does."""
+    tokenizer_class: str
+    model_max_length: int
+    vocab_size: int
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+
+
 class DetokenizeRequest(OpenAIBaseModel):
     model: str | None = Field(default=None, max_length=MAX_NAME)
     tokens: list[int]

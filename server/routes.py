@@ -11,15 +11,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from protocol.openai import (
-    CompletionRequest,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ModelList,
-    ProfileList,
-    TokenizeRequest,
-    TokenizeResponse,
-)
+from protocol.openai import (CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelList, ProfileList,
+    TokenizeRequest, TokenizeResponse, TokenizerInfo)
 from server.errors import Unauthorized
 from server.keys import OPEN, Access
 from server.serving import CompletionServing
@@ -105,7 +98,7 @@ async def detokenize(req: DetokenizeRequest, s: Serving, key: Key) -> Detokenize
 
 
 @api.get("/tokenizer_info")
-async def tokenizer_info(s: Serving, key: Key) -> dict:
+async def tokenizer_info(s: Serving, key: Key) -> TokenizerInfo:
     return s.tokenizer_info()
 
 

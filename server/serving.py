@@ -6,47 +6,19 @@ Engine-independent: everything here talks to the engine through server.engine.ba
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-import uuid
 from collections.abc import AsyncIterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from ablation.spec import ProfileSpec
 from models.loading import ModelInfo
-from protocol.openai import (
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ErrorInfo,
-    ErrorResponse,
-    Logprobs,
-    ModelCard,
-    ModelList,
-    ProfileCard,
-    ProfileList,
-    TokenizeRequest,
-    TokenizeResponse,
-    Usage,
-)
-from server.engine.base import ChoiceOutput, Engine, EngineError, Prompt, SamplingParams, TokenLogprob
-from server.errors import (
-    EngineFailure,
-    Forbidden,
-    InvalidRequest,
-    ObliviateError,
-    RequestTimeout,
-    Unavailable,
-    UnknownModel,
-    UnknownProfile,
-    shown,
-)
+from protocol.openai import (CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelCard,
+    ModelList, ProfileCard, ProfileList, TokenizeRequest, TokenizeResponse, TokenizerInfo)
+from server.engine.base import Engine, Prompt, SamplingParams
+from server.errors import Forbidden, InvalidRequest, Unavailable, UnknownModel, UnknownProfile, shown
+from server.inflight import EngineCall
 from server.keys import OPEN, Access
 from server.limits import Admission
 from server.metrics import Metrics
+from server.responses import CompletionResponder
 from server.settings import Settings
 
 
@@ -85,13 +57,12 @@ class CompletionServing:
         self._check_ids(req.tokens, "tokens")
         return DetokenizeResponse(prompt=self.tok.decode(req.tokens))
 
-    def tokenizer_info(self) -> dict:
+    def tokenizer_info(self) -> TokenizerInfo:
         tok = self.tok
-        info = {"tokenizer_class": type(tok).__name__, "model_max_length": self.max_model_len,
-                "vocab_size": self.model.vocab_size, "chat_template": getattr(tok, "chat_template", None)}
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            info[name] = getattr(tok, name, None)
-        return info
+        return TokenizerInfo(tokenizer_class=type(tok).__name__, model_max_length=self.max_model_len,
+                             vocab_size=self.model.vocab_size, chat_template=getattr(tok, "chat_template", None),
+                             **{name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token",
+                                                                              "unk_token")})
 
     def _check_ids(self, ids: list[int], param: str, what: str = "") -> None:
         vocab = self.model.vocab_size
@@ -181,182 +152,14 @@ class CompletionServing:
         params = self.sampling_params(req)
         self.check_fan_out(req)
         prompts = await asyncio.to_thread(self.build, req, profile)  # tokenizing: off the event loop
-        run = _Run(self, req, profile, params, prompts, access.name)
+        call = EngineCall(self.engine, self.admission, self.metrics, self.request_timeout, profile, params, prompts,
+                          req.n, access.name)
+        run = CompletionResponder(call, req, self.tok, self.model.name)
         if not req.stream:
             return await run.collect()
         chunks = run.stream()
         first = await anext(chunks)  # admission and errors before the first chunk are answered as HTTP errors
         return _prepend(first, chunks)
-
-
-@dataclass
-class _Choice:
-    text: str = ""
-    tokens: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
-
-
-class _Run:
-    """One request in flight: the engine's outputs, assembled into a response or a stream."""
-
-    def __init__(self, serving: CompletionServing, req: CompletionRequest, profile: str, params: SamplingParams,
-                 prompts: list[Prompt], key: str):
-        self.s, self.req, self.profile, self.params, self.prompts = serving, req, profile, params, prompts
-        self.key = key
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.t0 = time.perf_counter()
-        self.deadline = asyncio.get_running_loop().time() + serving.request_timeout
-        self.first_token_at: float | None = None
-        self.prompt_tokens = sum(len(p.input_ids) for p in prompts) * req.n
-        self.generated: dict[int, int] = {}
-        self.ended = False
-
-    @contextmanager
-    def admitted(self):
-        """Holds the request's choices in the admission count (429 when full) until it ends."""
-        n = len(self.prompts) * self.req.n
-        self.s.admission.acquire(n)
-        try:
-            yield
-        finally:
-            self.s.admission.release(n)
-
-    async def outputs(self) -> AsyncIterator[ChoiceOutput]:
-        """The engine's outputs until the request's deadline; leaving early aborts the engine request."""
-        it = self.s.engine.generate(self.id, self.prompts, self.params, self.profile, self.req.n)
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout_at(self.deadline):
-                        out = await anext(it)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise RequestTimeout(self.s.request_timeout) from None
-                if out.tokens and self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                    self.s.metrics.ttft.labels(self.profile).observe(self.first_token_at - self.t0)
-                self.generated[out.index] = out.num_generated_tokens
-                yield out
-        except EngineError as e:
-            raise EngineFailure(str(e)) from None
-        finally:
-            await it.aclose()
-
-    def end(self, status: int, aborted: str | None = None) -> Usage:
-        """Counts the request once, however it ended."""
-        m = self.s.metrics
-        gen = sum(self.generated.values())
-        usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=gen, total_tokens=self.prompt_tokens + gen)
-        if self.ended:
-            return usage
-        self.ended = True
-        m.requests.labels(self.profile, str(status), self.key).inc()
-        if aborted:
-            m.aborted.labels(self.profile, aborted).inc()
-        m.prompt_tokens.labels(self.profile).inc(self.prompt_tokens)
-        m.generation_tokens.labels(self.profile).inc(gen)
-        now = time.perf_counter()
-        m.e2e.labels(self.profile).observe(now - self.t0)
-        per_choice = max(self.generated.values(), default=0)
-        if self.first_token_at is not None and per_choice > 1:
-            m.per_token.labels(self.profile).observe((now - self.first_token_at) / (per_choice - 1))
-        return usage
-
-    def ended_by(self, e: BaseException) -> None:
-        if isinstance(e, ObliviateError):
-            self.end(e.status_code, "timeout" if isinstance(e, RequestTimeout) else None)
-        else:  # the client left (the server cancels on disconnect), or the server is stopping
-            self.end(499, "cancelled")
-
-    def _prompt_text(self, index: int) -> str:
-        p = self.req.prompts()[index // self.req.n]
-        return p if isinstance(p, str) else self.s.tok.decode(p)  # token ids echo as sent (a BOS included)
-
-    def _echoed(self, index: int, prompt_logprobs: list[TokenLogprob] | None) -> list[TokenLogprob]:
-        """The prompt's tokens as the client sent them; the first has no logprob (as in OpenAI and vLLM)."""
-        p = self.req.prompts()[index // self.req.n]
-        lps = list(prompt_logprobs or [])
-        if not isinstance(p, str) and len(p) > len(self.prompts[index // self.req.n].prompt_ids):
-            lps.insert(0, TokenLogprob(p[0]))  # the BOS the client sent (the engine saw it as context)
-        return [TokenLogprob(lps[0].token_id), *lps[1:]] if lps else lps
-
-    async def collect(self) -> CompletionResponse:
-        got = [_Choice() for _ in range(len(self.prompts) * self.req.n)]
-        with self.admitted():
-            try:
-                async for out in self.outputs():
-                    c = got[out.index]
-                    c.text += out.text
-                    c.tokens += out.tokens
-                    c.prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else c.prompt_logprobs
-                    c.finish_reason = out.finish_reason or c.finish_reason
-            except (ObliviateError, asyncio.CancelledError) as e:
-                self.ended_by(e)
-                raise
-        choices = []
-        for i, c in enumerate(got):
-            echo = self._prompt_text(i) if self.req.echo else ""
-            infos = self._echoed(i, c.prompt_logprobs) + c.tokens if self.req.echo else c.tokens
-            lp = self.logprobs(infos, 0) if self.req.logprobs is not None else None
-            choices.append(CompletionChoice(index=i, text=echo + c.text, logprobs=lp, finish_reason=c.finish_reason))
-        usage = self.end(200)
-        return CompletionResponse(id=self.id, model=self.req.model or self.s.model.name, choices=choices, usage=usage,
-                                  profile=self.profile)
-
-    def logprobs(self, infos: list[TokenLogprob], offset: int) -> Logprobs:
-        dec = lambda t: self.s.tok.decode([t])  # noqa: E731
-        out = Logprobs(top_logprobs=[] if self.req.logprobs else None)
-        for info in infos:
-            out.tokens.append(dec(info.token_id))
-            out.token_logprobs.append(info.logprob)
-            out.text_offset.append(offset)
-            offset += len(out.tokens[-1])
-            if self.req.logprobs:
-                out.top_logprobs.append({dec(t): v for t, v in info.top.items()} if info.top else None)
-        return out
-
-    async def stream(self) -> AsyncIterator[str]:
-        """Server-sent events. An error before the first chunk propagates (the route answers it with its
-        status); after it, an error chunk follows, then [DONE]."""
-        base = dict(id=self.id, model=self.req.model or self.s.model.name, profile=self.profile)
-        chunk = lambda **c: "data: " + CompletionResponse(  # noqa: E731
-            choices=[CompletionChoice(**c)], **base).model_dump_json(exclude_none=True) + "\n\n"
-        offsets = [0] * (len(self.prompts) * self.req.n)
-        sent = False
-        with self.admitted():
-            try:
-                if self.req.echo:
-                    for i in range(len(offsets)):
-                        text = self._prompt_text(i)
-                        offsets[i] = len(text)
-                        sent = True
-                        yield chunk(index=i, text=text)
-                async for out in self.outputs():
-                    i = out.index
-                    if out.text or out.tokens:
-                        lp = self.logprobs(out.tokens, offsets[i]) if self.req.logprobs is not None else None
-                        offsets[i] += len(out.text)
-                        sent = True
-                        yield chunk(index=i, text=out.text, logprobs=lp)
-                    if out.finish_reason:
-                        sent = True
-                        yield chunk(index=i, text="", finish_reason=out.finish_reason)
-                usage = self.end(200)
-                if self.req.stream_options and self.req.stream_options.include_usage:
-                    yield "data: " + json.dumps({**base, "object": "text_completion", "choices": [],
-                                                 "usage": usage.model_dump()}) + "\n\n"
-            except ObliviateError as e:
-                self.ended_by(e)
-                if not sent:
-                    raise
-                err = ErrorResponse(error=ErrorInfo(message=e.message, type=e.type, param=e.param, code=e.code))
-                yield "data: " + err.model_dump_json() + "\n\n"
-            except (asyncio.CancelledError, GeneratorExit) as e:
-                self.ended_by(e)
-                raise
-        yield "data: [DONE]\n\n"
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -57,8 +57,9 @@ def save_sae(sae, path: Path, hookpoint: str = HOOKPOINT) -> Path:
     return path
 
 
-def write_profile(dir: Path, name: str, sae_dir: Path, hookpoint: str = HOOKPOINT, **iv) -> Path:
-    spec = {"name": name, "description": f"test profile {name}", "model": "gemma-3-270m",
+def write_profile(dir: Path, name: str, sae_dir: Path, hookpoint: str = HOOKPOINT, markup_guard: bool = False,
+                  **iv) -> Path:
+    spec = {"name": name, "description": f"test profile {name}", "model": "gemma-3-270m", "markup_guard": markup_guard,
             "interventions": [{"hookpoint": hookpoint, "sae": str(sae_dir), **iv}]}
     path = dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -76,6 +77,13 @@ TEST_PROFILES = {
                    "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
     "t_seq_active": {"keep_error": True, "condition": "sequence_active",
                      "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
+    "t_gen_zero": {"keep_error": True, "condition": "sequence", "generated": "zero",
+                   "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
+    "t_gen_off": {"keep_error": True, "condition": "sequence", "generated": "off",
+                  "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
+    # switches on at once (features 1 and 5 fire on every token) and changes little (zeroed, error kept)
+    "t_guard": {"keep_error": True, "condition": "sequence", "markup_guard": True,
+                "edits": [{"feature": 1, "value": 0.0}, {"feature": 5, "value": 0.0}]},
     "t_dead_keep_error": {"keep_error": True, "edits": [{"feature": f, "value": 0.0} for f in DEAD]},
     "t_dead_clamp": {"keep_error": True, "condition": "token",
                      "edits": [{"feature": f, "value": -1000.0} for f in DEAD]},
@@ -83,9 +91,10 @@ TEST_PROFILES = {
 
 
 @contextmanager
-def ablated(tl_model, profile: str, table: ProfileTable):
+def ablated(tl_model, profile: str, table: ProfileTable, n_prompt: int | None = None):
     """One profile applied to a TransformerLens HookedTransformer (BOS at position 0 of every row), by
-    the same hook function the engines run: the reference their logits are checked against."""
+    the same hook function the engines run: the reference their logits are checked against. n_prompt:
+    the positions before it are the prompt, those from it generated tokens (None: all are prompt)."""
     idx = table.index[profile]
     try:
         for hp, entries in table.by_hook.items():
@@ -97,8 +106,10 @@ def ablated(tl_model, profile: str, table: ProfileTable):
 
             def fn(x, hook, residual_hook=ResidualHook(hp, mine), hp=hp):  # x: [B, S, d]
                 B, S = x.shape[:2]
-                ctx = HookContext.build(torch.full((B * S,), idx), torch.arange(B).repeat_interleave(S),
-                                        torch.arange(S).repeat(B), {hp: torch.zeros(B, dtype=torch.bool)}, x.device)
+                pos = torch.arange(S).repeat(B)
+                ctx = HookContext.build(torch.full((B * S,), idx), torch.arange(B).repeat_interleave(S), pos,
+                                        {hp: torch.zeros(B, dtype=torch.bool)}, x.device,
+                                        None if n_prompt is None else pos < n_prompt)
                 return residual_hook(x, ctx)
             tl_model.add_hook(hp.name, fn)
         yield tl_model

@@ -8,9 +8,8 @@ import json
 import re
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
-
-import yaml
 
 from clients.http import APIError
 from evals.common import EvalError, Topics
@@ -18,7 +17,7 @@ from server.cli import comma_list
 from server.errors import CLIError
 from workshop.corpus import DATA, FICTION, CorpusError, read_texts
 from workshop.inputs import UnlearnError, read_files, read_inputs
-from workshop.recipe import DEV_DOCS, GENERIC_RETAIN, KS, OUTLIERS
+from workshop.recipe import CONDITION, DEV_DOCS, GENERATED, GENERIC_RETAIN, KS, MARKUP_GUARD, OUTLIERS, Goals
 
 
 def add_sae(sub) -> None:
@@ -109,7 +108,7 @@ def add_features(sub) -> None:
         q.add_argument("--profile-name", default="hp_unlearn")
         q.add_argument("--k", type=int, default=3)
         q.add_argument("--keep-error", action=argparse.BooleanOptionalAction, default=True)
-        q.add_argument("--condition", choices=["always", "token", "sequence"], default="token")
+        q.add_argument("--condition", choices=["always", "token", "sequence", "sequence_active"], default="token")
         q.add_argument("--value-scale", type=float, default=1.0,
                        help="clamp to -scale x the feature's mean activation where active (0: zero-ablate)")
         q.add_argument("--fires-above", type=float, default=0.0,
@@ -147,7 +146,7 @@ def _texts(paths, default: list[Path]) -> list[str]:
 
 def cmd_features_discover(args) -> int:
     # deferred: the command line answers --help and bad arguments before torch and the model stack load
-    from workshop.discover import feature_acts, profile_yaml, rank, retain_sets, top_contexts
+    from workshop.discover import clamp_profile, feature_acts, rank, retain_sets, top_contexts
 
     if args.fires_above < 0 or args.k < 1:
         raise CLIError("need --fires-above ≥ 0 and --k ≥ 1")
@@ -160,26 +159,27 @@ def cmd_features_discover(args) -> int:
     lm, sae, ref, hookpoint, layer = _setup(args)
     fa, ra = feature_acts(lm, sae, forget, layer), [feature_acts(lm, sae, t, layer) for t in sets]
     ranking = rank(fa, ra, args.method, args.min_ratio, args.max_retain_rate, args.top)
+    contexts = {r.feature: top_contexts(fa, lm.tokenizer, forget, r.feature, args.contexts) for r in ranking}
     print(f"{len(forget)} forget texts ({fa.acts.shape[0]} tokens), {len(sets)} retain sets "
           f"({', '.join(str(r.acts.shape[0]) for r in ra)} tokens; each feature judged by the set it fires on "
           f"most); {args.method} ranking at {hookpoint}")
     for r in ranking:
-        r["contexts"] = top_contexts(fa, lm.tokenizer, forget, r["feature"], args.contexts)
-        print(f"\n#{r['feature']:>5}  score {r['score']:.4g}  mean forget/retain {r['mean_forget']:.3g}/"
-              f"{r['mean_retain']:.3g} (x{r['ratio']:.1f})  fires forget/retain {r['rate_forget']:.1%}/{r['rate_retain']:.2%}  max on retain {r['max_retain']:.3g}")
-        for c in r["contexts"]:
+        print(f"\n#{r.feature:>5}  score {r.score:.4g}  mean forget/retain {r.mean_forget:.3g}/{r.mean_retain:.3g} "
+              f"(x{r.ratio:.1f})  fires forget/retain {r.rate_forget:.1%}/{r.rate_retain:.2%}  max on retain "
+              f"{r.max_retain:.3g}")
+        for c in contexts[r.feature]:
             print(f"    {c['act']:7.2f}  {c['context']!r}")
     if args.json:
-        args.json.write_text(json.dumps(ranking, indent=2))
+        args.json.write_text(json.dumps([asdict(r) | {"contexts": contexts[r.feature]} for r in ranking], indent=2))
     if args.write_profile:
         active = ("active = above its highest activation on retain text" if args.method == "ceiling"
                   else f"active = above {args.fires_above} x its mean activation")
         note = (f"Top {args.k} {args.method}-ranked features of {ref} at {hookpoint} (forget: "
                 f"{len(forget)} texts; retain: {sum(map(len, sets))} texts), clamped to -{args.value_scale} x mean "
                 f"activation where active ({active}); keep_error={args.keep_error}, condition={args.condition}.")
-        args.write_profile.write_text(profile_yaml(args.profile_name, args.model, ref, hookpoint,
-                                                   ranking[: args.k], args.keep_error, args.condition,
-                                                   args.value_scale, note, args.fires_above))
+        args.write_profile.write_text(clamp_profile(args.profile_name, args.model, ref, hookpoint, ranking[: args.k],
+                                                    args.keep_error, args.condition, args.value_scale, note,
+                                                    args.fires_above).to_yaml())
         print(f"\nwrote {args.write_profile}")
     return 0
 
@@ -227,6 +227,20 @@ def add_unlearn(sub) -> None:
                         f"Wikipedia summaries (comma-separated, each a candidate; default {','.join(map(str, OUTLIERS))})")
     p.add_argument("--scales", type=comma_list(float), default=[1.0], help="clamp values to try, as multiples of each feature's mean "
                    "activation (comma-separated; default 1)")
+    p.add_argument("--condition", choices=["sequence", "sequence_active", "token"], default=CONDITION,
+                   help=f"where each candidate clamps (ablation/spec.py; default {CONDITION})")
+    p.add_argument("--generated", choices=["same", "zero", "off"], default=GENERATED,
+                   help=f"the edit at generated tokens: as in the prompt, zeroing, or none (default {GENERATED})")
+    p.add_argument("--markup-guard", action=argparse.BooleanOptionalAction, default=MARKUP_GUARD,
+                   help="ban tag tokens once the edit is on (profile field markup_guard; default on)")
+    g = Goals()
+    p.add_argument("--min-generic", type=float, default=g.generic, help=f"share of baseline's generic dev answers "
+                   f"to keep (default {g.generic})")
+    p.add_argument("--min-nearby", type=float, default=g.nearby, help=f"share of baseline's nearby dev answers "
+                   f"to keep (default {g.nearby})")
+    p.add_argument("--max-loss", type=float, default=g.loss_pct, help=f"loss added, %% (default {g.loss_pct})")
+    p.add_argument("--max-fluency-drop", type=float, default=g.fluency_drop,
+                   help=f"nats/token the forget completions may lose against baseline's (default {g.fluency_drop})")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="then run every eval report (test split) for baseline and NAME into DIR (needs --topic)")
     p.add_argument("--topic", help="the eval topic(s) for --report: hp, sw, hp,sw or a topic YAML")
@@ -241,6 +255,13 @@ def cmd_unlearn(args) -> int:
     if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0 or not ks or min(ks) < 1 \
             or not outliers or min(outliers) < 0:
         raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0, --ks ≥ 1, --outliers ≥ 0 and --scales > 0")
+    if not (0 <= args.min_generic <= 1 and 0 <= args.min_nearby <= 1) or args.max_loss < 0 \
+            or args.max_fluency_drop < 0:
+        raise CLIError("need --min-generic and --min-nearby in [0, 1], --max-loss ≥ 0 and --max-fluency-drop ≥ 0")
+    goals = Goals(args.min_generic, args.min_nearby, args.max_loss, args.max_fluency_drop)
+    if args.markup_guard and not args.condition.startswith("sequence"):
+        raise CLIError(f"--markup-guard switches on with a sequence edit: give --condition sequence (or "
+                       f"sequence_active), or --no-markup-guard with --condition {args.condition}")
     if args.report and not args.topic:
         raise CLIError("--report needs --topic: the eval topic's prompts and lexicon (hp, sw, hp,sw or a topic YAML)")
     if args.report_limit is not None and args.report_limit < 1:
@@ -259,24 +280,24 @@ def cmd_unlearn(args) -> int:
     from ablation.sae_io import SAELoadError, shipped_sae
     from ablation.spec import ProfileError
     from models.loading import ModelLoadError, load_model
-    from workshop.unlearn import final_yaml, report, run, summary
+    from workshop.unlearn import final_profile, report, run, summary
 
     try:
         lm = load_model(args.model, device="cpu", dtype="float32")
         with tempfile.TemporaryDirectory() as work:
             result = run(lm, args.name, inputs, args.sae or shipped_sae(), Path(work), args.docs, args.generic_retain,
-                         scales, ks, outliers)
+                         scales, ks, outliers, goals, args.condition, args.generated, args.markup_guard)
     except (UnlearnError, SAELoadError, ModelLoadError, ProfileError) as e:
         raise CLIError(str(e)) from None
     print(summary(result))
-    if result["chosen"] is None:
-        raise CLIError("no candidate kept generic ≥ 95% and nearby ≥ 80% of baseline's answers within +2% loss "
-                       "(table above): give retain text closer to what was lost, or more specific forget text")
+    if result.chosen is None:
+        raise CLIError(f"no candidate met the goals ({result.goals}; table above): give retain text closer to what "
+                       f"was lost, or more specific forget text, or loosen a goal (--max-fluency-drop …)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name}.yaml"
-    text = final_yaml(args.name, result, inputs)
-    path.write_text(text)
-    n = len(yaml.safe_load(text)["interventions"][0]["edits"])
+    spec = final_profile(args.name, result, inputs)
+    path.write_text(spec.to_yaml())
+    n = len(spec.interventions[0].edits)
     print(f"\nwrote {path} ({n} features) in {time.perf_counter() - t0:.0f} s; "
           f"serve it with: obliviate serve --profiles {args.out}")
     if args.report:

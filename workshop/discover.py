@@ -18,14 +18,14 @@ the set it fires on most, so a genre feature cannot pass because a large generic
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from ablation.edit import encode
 from ablation.residual import Hookpoint
+from ablation.spec import FeatureEdit, Intervention, ProfileMetadata, ProfileSpec
 from workshop import corpus
 from workshop.activations import residual_batches
 
@@ -75,8 +75,23 @@ def doc_max(fa: FeatureActs) -> torch.Tensor:
     return torch.stack([rows.amax(0) for rows in fa.acts.split(counts.tolist())])
 
 
+@dataclass(frozen=True)
+class FeatureScore:
+    """One feature of a ranking: its score and the statistics it was ranked by (retain: the worst set)."""
+    feature: int
+    score: float
+    mean_forget: float
+    mean_retain: float
+    ratio: float
+    rate_forget: float
+    rate_retain: float
+    max_retain: float
+    mean_when_active: float  # on the forget text: what a clamp value is a multiple of
+    fires_above: float | None = None  # method ceiling: the activation above which it counts as firing
+
+
 def rank(forget: FeatureActs, retain: FeatureActs | list[FeatureActs], method: str = "dsg", min_ratio: float = 5.0,
-         max_retain_rate: float = 0.01, top: int = 20, outliers: int = 0) -> list[dict]:
+         max_retain_rate: float = 0.01, top: int = 20, outliers: int = 0) -> list[FeatureScore]:
     f = forget.acts
     sets = retain if isinstance(retain, list) else [retain]
     groups = [g.acts for g in sets]
@@ -99,10 +114,9 @@ def rank(forget: FeatureActs, retain: FeatureActs | list[FeatureActs], method: s
         raise ValueError(f"unknown method {method!r}: use dsg, firing or ceiling")
     order = score.argsort(descending=True)[:top]
     active_mean = (f.sum(0) / (f > 0).sum(0).clamp_min(1))
-    return [{"feature": int(i), "score": float(score[i]), "mean_forget": float(mean_f[i]),
-             "mean_retain": float(mean_r[i]), "ratio": float(ratio[i]), "rate_forget": float(rate_f[i]),
-             "rate_retain": float(rate_r[i]), "max_retain": float(max_r[i]), "mean_when_active": float(active_mean[i]),
-             **({"fires_above": float(max_r[i])} if method == "ceiling" else {})}
+    return [FeatureScore(int(i), float(score[i]), float(mean_f[i]), float(mean_r[i]), float(ratio[i]),
+                         float(rate_f[i]), float(rate_r[i]), float(max_r[i]), float(active_mean[i]),
+                         float(max_r[i]) if method == "ceiling" else None)
             for i in order if score[i] > 0]
 
 
@@ -120,21 +134,20 @@ def top_contexts(fa: FeatureActs, tok, texts: list[str], feature: int, n: int = 
     return out
 
 
-def profile_yaml(name: str, model: str, sae_ref: str, hookpoint: str, features: list[dict], keep_error: bool,
-                 condition: str, value_scale: float, note: str, fires_above: float = 0.0) -> str:
+def clamp_profile(name: str, model: str, sae_ref: str, hookpoint: str, features: list[FeatureScore],
+                  keep_error: bool, condition: str, value_scale: float, note: str,
+                  fires_above: float = 0.0, generated: str = "same", markup_guard: bool = False) -> ProfileSpec:
     """A profile clamping each feature to -value_scale x its mean activation where active (0 -> ablate).
     A feature counts as active above its ranking's `fires_above` (method ceiling), else above
-    fires_above x its mean activation."""
-
-    edits = [{"feature": f["feature"], "value": round(-value_scale * f["mean_when_active"], 3)} for f in features]
-    for e, f in zip(edits, features):
-        if "fires_above" in f or fires_above:
-            e["fires_above"] = round(f.get("fires_above", fires_above * f["mean_when_active"]), 3)
+    fires_above x its mean activation. The notes keep each feature's ranking statistics (JSON)."""
+    edits = [FeatureEdit(feature=f.feature, value=round(-value_scale * f.mean_when_active, 3),
+                         fires_above=round(f.fires_above if f.fires_above is not None
+                                           else fires_above * f.mean_when_active, 3)) for f in features]
     if Path(sae_ref).is_dir():  # a profile resolves a relative path from its own folder, not the cwd
         sae_ref = str(Path(sae_ref).resolve())
-    spec = {"name": name, "description": note, "model": model,
-            "interventions": [{"hookpoint": hookpoint, "sae": sae_ref, "keep_error": keep_error,
-                               "condition": condition, "edits": edits}],
-            "metadata": {"version": 1, "notes": json.dumps([{k: round(v, 4) if isinstance(v, float) else v
-                                                             for k, v in f.items() if k != "contexts"} for f in features])}}
-    return yaml.safe_dump(spec, sort_keys=False, width=100)
+    stats = [{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(f).items() if v is not None}
+             for f in features]
+    return ProfileSpec(name=name, description=note, model=model, markup_guard=markup_guard,
+                       interventions=[Intervention(hookpoint=hookpoint, sae=sae_ref, keep_error=keep_error,
+                                                   condition=condition, generated=generated, edits=edits)],
+                       metadata=ProfileMetadata(version=1, notes=json.dumps(stats)))

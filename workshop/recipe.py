@@ -1,6 +1,8 @@
 """The knobs of `obliviate unlearn`'s recipe: which candidates it tries, the retain side, the held-out loss
-text, and the goals a profile must meet. Defaults of the command and of unlearn.run; no imports, so the
-command line reads them without loading the model stack."""
+text, and the goals a profile must meet. Defaults of the command and of unlearn.run; nothing heavy
+imported, so the command line reads them without loading the model stack."""
+
+from dataclasses import dataclass
 
 KS = (2, 3, 5, 8, 12, 16)
 # retain texts each feature may peak above its threshold in (discover.rank's `outliers`): 0 = its highest activation
@@ -12,5 +14,22 @@ OUTLIERS = (0,)
 GENERIC_RETAIN = 1500
 # held-out documents the loss is read from when choosing (never the loss report's: evals.scoring.heldout_docs)
 DEV_DOCS = 40
-# a candidate must keep these shares of baseline's dev answers and add at most this much loss
-GOALS = {"generic": 0.95, "nearby": 0.80, "loss_pct": 2.0}
+# the edit each candidate makes (ablation/spec.py): clamp for the rest of the sequence once a feature fires,
+# zero the features (instead of clamping) at generated tokens, and ban tag tokens once the edit is on. On the
+# Star Wars dev prompts (sw_unlearn's 16 features) this kept 4 of baseline's 30 answers at fluency -1.59
+# (baseline -1.39), stray markup 0 %; clamping generated tokens too: 3 at -2.31, markup 36 %
+CONDITION, GENERATED, MARKUP_GUARD = "sequence", "zero", True
+
+
+@dataclass(frozen=True)
+class Goals:
+    """What a candidate must keep: shares of baseline's generic and nearby dev answers, at most this much
+    loss added (%), and forget completions at most `fluency_drop` nats/token less fluent than baseline's."""
+    generic: float = 0.95
+    nearby: float = 0.80
+    loss_pct: float = 2.0
+    fluency_drop: float = 0.3
+
+    def __str__(self) -> str:
+        return (f"generic >= {self.generic:.0%}, nearby >= {self.nearby:.0%} of baseline, loss <= +{self.loss_pct:g}%, "
+                f"forget fluency >= baseline's - {self.fluency_drop:g} nats/token")

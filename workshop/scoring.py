@@ -3,6 +3,7 @@ forget completions, and cross-entropy on held-out documents (what `obliviate unl
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clients.http import AsyncClient
@@ -11,25 +12,34 @@ from evals.generation import score_items, tally
 from evals.scoring import heldout_docs
 
 
-async def score(url: str, profiles: list[str], sets: dict[str, list[dict]], n_docs: int) -> dict:
-    """Per profile: correct greedy answers in each prompt set ({prompt, answers} items), the fluency of
-    its completions of the `forget` set (evals.generation), and CE on n_docs held-out documents, over HTTP."""
+@dataclass
+class Scores:
+    """One profile on the dev split: correct greedy answers per prompt set, the fluency of its forget
+    completions (nats/token under baseline; None without a forget set), CE on held-out documents."""
+    answers: dict[str, int] = field(default_factory=dict)
+    fluency: float | None = None
+    ce: float = 0.0
+
+
+async def score(url: str, profiles: list[str], sets: dict[str, list[dict]], n_docs: int) -> dict[str, Scores]:
+    """Scores of each profile over HTTP: answers in each prompt set ({prompt, answers} items), the
+    fluency of its `forget` completions (evals.generation), and CE on n_docs held-out documents."""
     client = AsyncClient(url, concurrency=8)
     ctx = EvalContext(client, profiles, Path("."), split="dev")
-    rows = {p: {} for p in profiles}
+    out = {p: Scores() for p in profiles}
     try:
         for name, items in sets.items():
             recs = await score_items(ctx, items, f"dev/{name}", with_prob=False, with_fluency=name == "forget")
             for p in profiles:
                 t = tally(recs[p])
-                rows[p][name] = t["correct"]
+                out[p].answers[name] = t["correct"]
                 if name == "forget":
-                    rows[p]["fluency"] = t["mean_fluency"]
+                    out[p].fluency = t["mean_fluency"]
         docs = heldout_docs(n_docs, split="dev")
         for p in profiles:
             lps = await ctx.gather(f"ce/{p}", [ctx.continuation_logprobs("", d, p, "loss") for d in docs])
             flat = [v for lp in lps for v in lp]
-            rows[p]["ce"] = -sum(flat) / len(flat)
+            out[p].ce = -sum(flat) / len(flat)
     finally:
         await client.aclose()
-    return rows
+    return out

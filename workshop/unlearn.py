@@ -21,33 +21,82 @@ to a profile that forgets it.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ablation.hooks import ProfileTable
 from ablation.sae_io import load_sae
-from ablation.spec import default_profiles_dir, load_profiles
+from ablation.spec import ProfileMetadata, ProfileSpec, default_profiles_dir
 from evals.cli import run_reports
+from evals.common import md_table
 from server.live import LiveServer
 from server.settings import Settings
-from workshop.discover import feature_acts, layer_of, profile_yaml, rank, retain_sets
+from workshop.discover import FeatureScore, clamp_profile, feature_acts, layer_of, rank, retain_sets
 from workshop.inputs import SETS, Inputs, UnlearnError
-from workshop.recipe import DEV_DOCS, GENERIC_RETAIN, GOALS, KS, OUTLIERS
-from workshop.scoring import score
+from workshop.recipe import CONDITION, DEV_DOCS, GENERATED, GENERIC_RETAIN, KS, MARKUP_GUARD, OUTLIERS, Goals
+from workshop.scoring import Scores, score
+
+EDITS = {"sequence": "clamped negative for the rest of the sequence once one fires",
+         "sequence_active": "clamped negative, once one fires, wherever each is active",
+         "token": "clamped negative where each fires", "always": "set to their values everywhere"}
+GENERATED_EDITS = {"same": "", "zero": "; in generated text they are zeroed instead of clamped",
+                   "off": "; generated text is left unedited"}
 
 
-def choose(rows: dict[str, dict], candidates: list[str]) -> tuple[str | None, dict[str, str]]:
+@dataclass(frozen=True)
+class Candidate:
+    """One profile tried: the top k features of each topic, thresholds leaving out `outliers` retain texts,
+    clamp values `scale` x each feature's mean activation."""
+    name: str
+    spec: ProfileSpec
+    k: int
+    outliers: int = 0
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A served profile's dev scores and the loss it adds (%) against baseline; candidate None: baseline."""
+    scores: Scores
+    loss_pct: float = 0.0
+    candidate: Candidate | None = None
+
+    def answers(self, s: str) -> int:
+        return self.scores.answers[s]
+
+
+@dataclass
+class UnlearnRun:
+    """Everything `run` measured and what it chose (None: no candidate met the goals; `why` says each's miss)."""
+    sae: str
+    hookpoint: str
+    outcomes: dict[str, Outcome]  # baseline first, then every candidate
+    chosen: str | None
+    why: dict[str, str] = field(default_factory=dict)
+    ks: list[int] = field(default_factory=list)
+    outliers: list[int] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    goals: Goals = Goals()
+
+    @property
+    def baseline(self) -> Outcome:
+        return self.outcomes["baseline"]
+
+
+def choose(outcomes: dict[str, Outcome], candidates: list[str],
+           goals: Goals = Goals()) -> tuple[str | None, dict[str, str]]:
     """-> (the chosen candidate or None, why each other one was passed over)."""
-    base = rows["baseline"]
+    base, base_fluency = outcomes["baseline"].scores.answers, outcomes["baseline"].scores.fluency
     why: dict[str, str] = {}
     ok = []
     for c in candidates:
-        r = rows[c]
-        fails = [f"loss +{r['loss_pct']:.2f}%"] if r["loss_pct"] > GOALS["loss_pct"] else []
+        o = outcomes[c]
+        fails = [f"loss +{o.loss_pct:.2f}%"] if o.loss_pct > goals.loss_pct else []
         for s in ("generic", "nearby"):
-            if s in base and base[s] and r[s] < GOALS[s] * base[s]:
-                fails.append(f"{s} {r[s]}/{base[s]}")
+            if base.get(s) and o.answers(s) < getattr(goals, s) * base[s]:
+                fails.append(f"{s} {o.answers(s)}/{base[s]}")
+        if base_fluency is not None and o.scores.fluency is not None \
+                and o.scores.fluency < base_fluency - goals.fluency_drop:
+            fails.append(f"fluency {o.scores.fluency:.2f} vs {base_fluency:.2f}")
         if fails:
             why[c] = ", ".join(fails)
         else:
@@ -58,43 +107,40 @@ def choose(rows: dict[str, dict], candidates: list[str]) -> tuple[str | None, di
         # ties go to fewer features, then to the stricter threshold: the dev prompts cannot tell them apart, and
         # each feature more (or outlier allowed) is one more chance to switch the clamp on in unseen generic text;
         # then to the more fluent forget completions (a weaker clamp, --scales, that forgets as much)
-        best = min(ok, key=lambda c: (rows[c]["forget"], rows[c]["k"], rows[c].get("outliers", 0),
-                                      -(rows[c].get("fluency") or 0.0)))
+        best = min(ok, key=lambda c: (outcomes[c].answers("forget"), outcomes[c].candidate.k,
+                                      outcomes[c].candidate.outliers, -(outcomes[c].scores.fluency or 0.0)))
     else:
-        best = max(ok, key=lambda c: rows[c]["k"])
+        best = max(ok, key=lambda c: outcomes[c].candidate.k)
     return best, why
 
 
 def serving(lm, profiles_dir: Path):
     """A loopback server (real HTTP) of `lm` with the shipped profiles and those in `profiles_dir`."""
-
-    dirs = [default_profiles_dir(), profiles_dir]
-    return LiveServer(Settings(profiles=dirs), lm, ProfileTable(load_profiles(dirs, lm.name), lm.device, lm.dtype))
+    return LiveServer(Settings(profiles=[default_profiles_dir(), profiles_dir]), lm)  # the app loads the profiles
 
 
 def report(lm, name: str, profiles_dir: Path, topics: str, out: Path, limit: int | None = None) -> Path:
     """Every eval report for `baseline` and NAME on the topics' test split, against a loopback server."""
-
     with serving(lm, profiles_dir) as srv:
         asyncio.run(run_reports(srv.url, [name], out, topic=topics, baseline="baseline", limit=limit))
     return out / "index.md"
 
 
-def top_of_each(rankings: list[list[dict]], k: int) -> list[dict]:
+def top_of_each(rankings: list[list[FeatureScore]], k: int) -> list[FeatureScore]:
     """The top k features of each topic's ranking, each feature once (where two topics share one, the
     first topic's row: its clamp value)."""
-    out: dict[int, dict] = {}
+    out: dict[int, FeatureScore] = {}
     for ranking in rankings:
         for r in ranking[:k]:
-            out.setdefault(r["feature"], r)
+            out.setdefault(r.feature, r)
     return list(out.values())
 
 
 def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = DEV_DOCS,
         n_wiki: int = GENERIC_RETAIN, scales: tuple[float, ...] = (1.0,), ks: tuple[int, ...] = KS,
-        outliers: tuple[int, ...] = OUTLIERS) -> dict:
-    """Ranks, writes and scores the candidates in `work`; -> {rows, chosen, why, yaml, …}."""
-
+        outliers: tuple[int, ...] = OUTLIERS, goals: Goals = Goals(), condition: str = CONDITION,
+        generated: str = GENERATED, markup_guard: bool = MARKUP_GUARD) -> UnlearnRun:
+    """Ranks, writes (into `work`), serves and scores the candidates, and chooses one."""
     sae = load_sae(sae_ref)
     hook = sae.cfg.metadata.hook_name
     layer = layer_of(hook)
@@ -108,69 +154,69 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
                            f"text, retain text further from the topic, or another SAE (--sae) trained on text that "
                            f"contains the topic (`obliviate sae train --topic FILE`)")
     work.mkdir(parents=True, exist_ok=True)
-    texts, params = {}, {}
+    candidates: dict[str, Candidate] = {}
     for n in outliers:
         for k in sorted({min(k, max(map(len, rankings[n]))) for k in ks}):
             chosen = top_of_each(rankings[n], k)
             for scale in scales:
                 cand = f"{name}__k{k}" + (f"_o{n}" if len(outliers) > 1 else "") + \
                     (f"_s{scale:g}" if len(scales) > 1 else "")
-                texts[cand] = profile_yaml(cand, lm.name, sae_ref, hook, chosen, True, "sequence", scale, cand)
-                params[cand] = {"k": k, "outliers": n, "scale": scale}
-                (work / f"{cand}.yaml").write_text(texts[cand])
-    profiles = ["baseline", *texts]
+                spec = clamp_profile(cand, lm.name, sae_ref, hook, chosen, True, condition, scale, cand,
+                                     generated=generated, markup_guard=markup_guard)
+                candidates[cand] = Candidate(cand, spec, k, n, scale)
+                (work / f"{cand}.yaml").write_text(spec.to_yaml())
     with serving(lm, work) as srv:
-        rows = asyncio.run(score(srv.url, profiles, inputs.dev or {}, n_docs))
-    for p, r in rows.items():
-        r.update(params.get(p, {"k": 0, "outliers": 0, "scale": 0.0}))
-        r["loss_pct"] = 100 * (r["ce"] - rows["baseline"]["ce"]) / rows["baseline"]["ce"]
-    chosen, why = choose(rows, list(texts))
-    return {"rows": rows, "chosen": chosen, "why": why, "yaml": texts, "sae": sae_ref, "hookpoint": hook,
-            "ks": sorted({p["k"] for p in params.values()}), "outliers": list(outliers), "scales": list(scales)}
+        scores = asyncio.run(score(srv.url, ["baseline", *candidates], inputs.dev or {}, n_docs))
+    base_ce = scores["baseline"].ce
+    outcomes = {p: Outcome(s, 100 * (s.ce - base_ce) / base_ce, candidates.get(p)) for p, s in scores.items()}
+    chosen, why = choose(outcomes, list(candidates), goals)
+    return UnlearnRun(sae_ref, hook, outcomes, chosen, why, sorted({c.k for c in candidates.values()}),
+                      list(outliers), list(scales), goals)
 
 
-def final_yaml(name: str, result: dict, inputs: Inputs) -> str:
+def final_profile(name: str, result: UnlearnRun, inputs: Inputs) -> ProfileSpec:
     """The chosen candidate under its own name, with how it was chosen in its notes."""
-
-    spec = yaml.safe_load(result["yaml"][result["chosen"]])
-    r, base = result["rows"][result["chosen"]], result["rows"]["baseline"]
-    dev = ", ".join(f"{s} {r[s]}/{base[s]} of baseline's" for s in SETS if s in base) or "no dev prompts"
-    if r.get("fluency") is not None and base.get("fluency") is not None:
-        dev += f"; forget completions' fluency {r['fluency']:.2f} nats/token (baseline's {base['fluency']:.2f})"
-    spec["name"] = name
+    o, base = result.outcomes[result.chosen], result.baseline
+    c = o.candidate
+    iv = c.spec.interventions[0]
+    dev = ", ".join(f"{s} {o.answers(s)}/{base.answers(s)} of baseline's" for s in SETS
+                    if s in base.scores.answers) or "no dev prompts"
+    if o.scores.fluency is not None and base.scores.fluency is not None:
+        dev += (f"; forget completions' fluency {o.scores.fluency:.2f} nats/token (baseline's "
+                f"{base.scores.fluency:.2f})")
     each = f" of each of the {len(inputs.forget)} forget topics" if len(inputs.forget) > 1 else ""
-    left_out = f" once the {r['outliers']} retain texts where each peaks highest are left out" if r["outliers"] else ""
-    spec["description"] = (f"{name}: the top {r['k']} features{each} of {result['sae']} that fire on the forget text "
-                           f"above their highest activation on the retain text{left_out} "
-                           f"({len(spec['interventions'][0]['edits'])} "
-                           f"features), clamped negative for the rest of the sequence once one fires (SAE error "
-                           f"kept). Made by `obliviate unlearn`.")
-    chosen_from = f"k in {result['ks']}" + "".join(f" and {what} in {result[what]}" for what in ("outliers", "scales")
-                                                   if len(result[what]) > 1)
-    spec["metadata"]["notes"] = (
-        f"Chosen from {chosen_from} (ceiling ranking; forget: "
-        f"{' + '.join(str(len(t)) for t in inputs.forget)} texts; retain: "
-        f"{sum(map(len, inputs.retain))} texts in {len(inputs.retain)} files + Wikipedia). Dev answers: {dev}; "
-        f"loss added {r['loss_pct']:+.2f}% (CE on held-out Wikipedia summaries). Goals: generic >= 95%, nearby >= "
-        f"80% of baseline, loss <= +2%. Features: " + spec["metadata"]["notes"])
-    return yaml.safe_dump(spec, sort_keys=False, width=100)
+    left_out = f" once the {c.outliers} retain texts where each peaks highest are left out" if c.outliers else ""
+    description = (f"{name}: the top {c.k} features{each} of {result.sae} that fire on the forget text "
+                   f"above their highest activation on the retain text{left_out} "
+                   f"({len(iv.edits)} features), {EDITS[iv.condition]}{GENERATED_EDITS[iv.generated]} (SAE error "
+                   f"kept)" + ("; tag tokens are not sampled once the edit is on" if c.spec.markup_guard else "") +
+                   ". Made by `obliviate unlearn`.")
+    chosen_from = f"k in {result.ks}" + "".join(f" and {what} in {getattr(result, what)}"
+                                                for what in ("outliers", "scales") if len(getattr(result, what)) > 1)
+    notes = (f"Chosen from {chosen_from} (ceiling ranking; forget: "
+             f"{' + '.join(str(len(t)) for t in inputs.forget)} texts; retain: "
+             f"{sum(map(len, inputs.retain))} texts in {len(inputs.retain)} files + Wikipedia). Dev answers: {dev}; "
+             f"loss added {o.loss_pct:+.2f}% (CE on held-out Wikipedia summaries). Goals: {result.goals}. "
+             f"Features: " + c.spec.metadata.notes)
+    return c.spec.model_copy(update={"name": name, "description": description,
+                                     "metadata": ProfileMetadata(version=1, notes=notes)})
 
 
-def summary(result: dict) -> str:
-    rows, base = result["rows"], result["rows"]["baseline"]
+def summary(result: UnlearnRun) -> str:
+    base = result.baseline.scores.answers
     sets = [s for s in SETS if s in base]
-    chosen = rows.get(result["chosen"])
+    chosen = result.outcomes.get(result.chosen)
     warn = ""
-    if chosen and base.get("forget") and chosen["forget"] > 0.5 * base["forget"]:
-        warn = (f"\nwarning: the best candidate still answers {chosen['forget']}/{base['forget']} of baseline's forget "
-                f"prompts: the SAE may have few features for this topic (its training text must contain the topic: "
-                f"`obliviate sae train --topic FILE`), or try larger --scales")
-    cols = sets + (["fluency"] if "forget" in base else [])
+    if chosen and base.get("forget") and chosen.answers("forget") > 0.5 * base["forget"]:
+        warn = (f"\nwarning: the best candidate still answers {chosen.answers('forget')}/{base['forget']} of "
+                f"baseline's forget prompts: the SAE may have few features for this topic (its training text must "
+                f"contain the topic: `obliviate sae train --topic FILE`), or try larger --scales")
     cell = lambda v: "—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| profile | k | " + " | ".join(sets) + (" | forget fluency" if "fluency" in cols else "") +
-             " | CE | loss added | |", "|---" * (len(cols) + 5) + "|"]
-    for p, r in rows.items():
-        mark = "chosen" if p == result["chosen"] else result["why"].get(p, "")
-        lines.append(f"| {p} | {r['k']} | " + " | ".join(cell(r[c]) for c in cols) +
-                     f" | {r['ce']:.4f} | {r['loss_pct']:+.2f}% | {mark} |")
-    return "\n".join(lines) + warn
+    header = ["profile", "k", *sets] + (["forget fluency"] if "forget" in base else []) + ["CE", "loss added", ""]
+    rows = []
+    for p, o in result.outcomes.items():
+        mark = "chosen" if p == result.chosen else result.why.get(p, "")
+        rows.append([p, o.candidate.k if o.candidate else 0, *(o.answers(s) for s in sets)] +
+                    ([cell(o.scores.fluency)] if "forget" in base else []) +
+                    [f"{o.scores.ce:.4f}", f"{o.loss_pct:+.2f}%", mark])
+    return md_table(header, rows).rstrip("\n") + warn

@@ -19,20 +19,12 @@ from contextlib import ExitStack
 
 import torch
 
+from ablation.guard import guard_logits, markup_token_ids
 from ablation.hooks import CONTEXT_KWARG, HookContext, ProfileTable
 from ablation.residual import decoder_layers, residual_hooks
 from models.loading import LoadedModel
-from server.engine.base import (
-    ChoiceOutput,
-    Engine,
-    EngineError,
-    EngineStats,
-    Prompt,
-    SamplingParams,
-    TokenLogprob,
-    choices,
-    drain,
-)
+from server.engine.base import (ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob,
+    choices, drain)
 from server.engine.batch import RunningBatch, Sequence
 from server.engine.kv import ATTENTION, KVStep, SlotCache
 from server.engine.sampling import sample, token_logprobs
@@ -55,6 +47,9 @@ class BuiltinEngine(Engine):
         self.unembed = _unembedding(self.model, lm.device, lm.dtype)
         cache = SlotCache(self.model.config, max_batch_size, lm.dtype, lm.device)
         self.batch = RunningBatch(cache, list(table.by_hook))
+        # the markup guard (ablation/guard.py): which profiles ask for it, and the tag tokens it bans
+        self.guarded = torch.tensor([s.markup_guard for s in table.specs.values()] + [False])
+        self.banned = torch.tensor(markup_token_ids(self.tok) if self.guarded.any() else [], dtype=torch.long)
         self._waiting: deque[Sequence] = deque()
         self._live: dict[str, list[Sequence]] = {}
         self._cv = threading.Condition()
@@ -236,7 +231,8 @@ class BuiltinEngine(Engine):
         pos = self.batch.pos[b]  # [b]
         self.batch.cache.reserve(int(pos.max()) + 1)
         fired = {hp: f[b.to(f.device)] for hp, f in self.batch.fired.items()}
-        ctx = HookContext.build(self.batch.profile[b], torch.arange(len(rows)), pos, fired, self.lm.device)
+        ctx = HookContext.build(self.batch.profile[b], torch.arange(len(rows)), pos, fired, self.lm.device,
+                                prompt=torch.zeros(len(rows), dtype=torch.bool))  # each row's newest token
         kv = KVStep.decode(self.batch.cache, pos, self.windows, None if len(rows) == len(self.batch) else b)
         hidden = self.forward(self.batch.last[b][:, None], pos[:, None], kv, ctx)  # [b, 1, d]
         for hp, f in ctx.fired.items():
@@ -260,6 +256,10 @@ class BuiltinEngine(Engine):
     def _emit(self, rows: list[int], logits: torch.Tensor) -> None:
         """logits: [b, V] for `rows` -> each row's next token, appended and delivered."""
         seqs = [self.batch.seqs[r] for r in rows]
+        if self.banned.numel():
+            b = torch.tensor(rows)
+            on = torch.stack([f[b.to(f.device)].cpu() for f in self.batch.fired.values()]).any(0)
+            guard_logits(logits, self.guarded[self.batch.profile[b]] & on, self.banned)
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         infos: list[TokenLogprob | None] = [None] * len(seqs)

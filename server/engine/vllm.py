@@ -21,19 +21,11 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from ablation.guard import markup_token_ids
 from ablation.spec import ProfileSpec
 from models.loading import ModelInfo
-from server.engine.base import (
-    ChoiceOutput,
-    Engine,
-    EngineError,
-    EngineStats,
-    Prompt,
-    SamplingParams,
-    TokenLogprob,
-    choices,
-    drain,
-)
+from server.engine.base import (ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob,
+    choices, drain)
 from server.engine.vllm_worker import PROFILE_KEY
 
 log = logging.getLogger("obliviate.vllm")
@@ -67,7 +59,8 @@ class VLLMEngine(Engine):
             disable_log_stats=False)
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.factory])
         payload = {n: s.model_dump() for n, s in self.specs.items()}
-        names = await self.llm.collective_rpc("obliviate_install", args=(payload,))
+        banned = markup_token_ids(self.model.tokenizer) if any(s.markup_guard for s in self.specs.values()) else []
+        names = await self.llm.collective_rpc("obliviate_install", args=(payload, banned))
         log.info("vLLM workers serve profiles %s", names[0])
 
     async def shutdown(self) -> None:

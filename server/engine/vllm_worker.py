@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from ablation.guard import guard_logits
 from ablation.hooks import CONTEXT_KWARG, HookContext, ProfileTable
 from ablation.residual import residual_hooks
 from ablation.spec import ProfileSpec
@@ -32,6 +33,7 @@ class ForwardContexts:
                                                                              for e in entries)]
         self.profile_of: dict[str, int] = {}  # request id -> profile index
         self.fired: dict[str, torch.Tensor] = {}  # request id -> [len(stateful)] bool, after its last forward
+        self._last: list[str] | None = None  # the requests of the last forward, until the guard reads them
 
     def _profile(self, rid: str) -> int:
         if rid not in self.profile_of:
@@ -57,8 +59,19 @@ class ForwardContexts:
             f = torch.tensor([bool(self.fired[r][j]) if r in self.fired and not fresh[i] else False
                               for i, r in enumerate(rids)] + [False])
             fired[hp] = f.to(self.device)
-        ctx = HookContext.build(profiles[seq], seq, positions, fired, self.device)
+        n_prompt = torch.tensor([self.runner.requests[r].num_prompt_tokens for r in rids] + [0])
+        prompt = positions.cpu() < n_prompt[seq]  # a token the model generated sits past its prompt
+        ctx = HookContext.build(profiles[seq], seq, positions, fired, self.device, prompt)
         return ctx, rids
+
+    def guarded_rows(self, guarded: torch.Tensor) -> torch.Tensor | None:
+        """[n] bool for the requests of the last forward, in batch order: their profile guards markup and
+        their edit is on; None once read (prompt logprobs and later calls are left alone)."""
+        rids, self._last = self._last, None
+        if rids is None:
+            return None
+        on = [bool(self.fired[r].any()) if r in self.fired else False for r in rids]
+        return guarded[[self._profile(r) for r in rids]] & torch.tensor(on, dtype=torch.bool)
 
     def commit(self, ctx: HookContext, rids: list[str]) -> None:
         """Keeps each request's `sequence` state after the forward; forgets finished requests."""
@@ -66,6 +79,7 @@ class ForwardContexts:
             rows = torch.stack([ctx.fired[hp][:len(rids)].cpu() for hp in self.stateful], -1)  # [n, s]
             for i, r in enumerate(rids):
                 self.fired[r] = rows[i]
+        self._last = rids
         live = self.runner.requests
         for d in (self.fired, self.profile_of):
             for r in [r for r in d if r not in live]:
@@ -75,7 +89,7 @@ class ForwardContexts:
 class VLLMWorkerExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); methods are called by collective_rpc."""
 
-    def obliviate_install(self, profiles: dict[str, dict]) -> list[str]:
+    def obliviate_install(self, profiles: dict[str, dict], banned: list[int] = ()) -> list[str]:
         runner = self.model_runner
         model = runner.get_model()
         weight = next(model.parameters())
@@ -97,5 +111,18 @@ class VLLMWorkerExtension:
             return out
 
         runner._model_forward = model_forward
+        if banned:  # the markup guard: the first logits after a forward are the ones sampled from
+            guarded = torch.tensor([s.markup_guard for s in specs.values()] + [False])
+            banned_ids = torch.tensor(banned, dtype=torch.long)
+            compute_logits = runner.model.compute_logits  # what execute_model calls
+
+            def guarded_logits(hidden_states, *args, **kwargs):
+                logits = compute_logits(hidden_states, *args, **kwargs)
+                rows = contexts.guarded_rows(guarded)
+                if rows is not None and logits is not None and logits.shape[0] == rows.shape[0]:
+                    guard_logits(logits, rows, banned_ids)
+                return logits
+
+            runner.model.compute_logits = guarded_logits
         log.info("obliviate hooks installed at %s for %s", [str(h) for h in table.by_hook], table.names)
         return table.names

@@ -120,6 +120,30 @@ def test_sequence_active_clamps_only_where_each_feature_is_active_after_the_firs
     assert torch.equal(new[1], acts[1])
 
 
+def test_generated_tokens_take_zero_or_no_edit_the_prompt_keeps_the_values():
+    acts = torch.tensor([[[0.0], [3.0], [2.0], [1.0]]])  # [1, 4, 1]: fires at 1; positions 2, 3 generated
+    prompt = torch.tensor([[True, True, False, False]])
+    _, new, _ = edit_columns(acts, edit(condition="sequence", f0=-5.0), prompt=prompt)
+    assert new[0, :, 0].tolist() == [0.0, -5.0, -5.0, -5.0]  # generated "same"
+    zero = EditTensors.from_intervention(Intervention(hookpoint="blocks.0.hook_resid_post", sae="x:y",
+                                                      condition="sequence", generated="zero",
+                                                      edits=[FeatureEdit(feature=0, value=-5.0)]))
+    _, new, _ = edit_columns(acts, zero, prompt=prompt)
+    assert new[0, :, 0].tolist() == [0.0, -5.0, 0.0, 0.0]
+    assert edit_columns(acts, zero)[1][0, :, 0].tolist() == [0.0, -5.0, -5.0, -5.0]  # no mask: all prompt
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_generated_off_leaves_generated_tokens_untouched(arch, x):
+    sae = build_sae(arch, D)
+    iv = Intervention(hookpoint="blocks.0.hook_resid_post", sae="x:y", keep_error=True, generated="off",
+                      edits=[FeatureEdit(feature=f, value=-3.0) for f in range(4)])
+    prompt = torch.zeros(x.shape[:2], dtype=torch.bool)
+    prompt[:, :4] = True
+    out, _ = apply_edits(x, sae, EditTensors.from_intervention(iv), prompt=prompt)
+    assert torch.equal(out[:, 4:], x[:, 4:]) and not torch.allclose(out[:, :4], x[:, :4])
+
+
 @pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_sequence_condition_carried_across_steps_equals_one_pass(arch, x):
     sae = build_sae(arch, D, 64)

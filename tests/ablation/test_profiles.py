@@ -56,3 +56,15 @@ def test_profiles_for_other_models_are_not_served(tmp_path):
     write(tmp_path, "b.yaml", "name: b\n")
     assert set(load_profiles([tmp_path], "gemma-3-270m")) == {"b", "baseline"}
     assert set(load_profiles([tmp_path], "/models/gemma-2b")) == {"a", "b", "baseline"}
+
+
+def test_markup_guard_needs_a_sequence_edit_and_the_edit_fields_are_checked(tmp_path):
+    p = write(tmp_path, "g.yaml", "name: g\nmarkup_guard: true\ninterventions:\n"
+                                  "- {hookpoint: blocks.1.hook_resid_post, sae: a:b, condition: token}\n")
+    with pytest.raises(ProfileError, match=r"g.yaml: profile: markup_guard needs an intervention with condition "
+                                           r"sequence or sequence_active"):
+        load_profile(p)
+    p = write(tmp_path, "h.yaml", "name: h\ninterventions:\n"
+                                  "- {hookpoint: blocks.1.hook_resid_post, sae: a:b, generated: maybe}\n")
+    with pytest.raises(ProfileError, match=r"h.yaml: interventions.0.generated: Input should be 'same', 'zero' or"):
+        load_profile(p)

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from ablation.guard import markup_token_ids
 from server.engine.base import EngineError, Prompt, SamplingParams
 from tests.helpers import ablated
 
@@ -78,6 +79,15 @@ def test_logprobs_match_transformer_lens(engine, tl, table, profile):
         assert diff < ATOL
 
 
+def test_markup_guard_bans_tag_tokens_once_the_edit_is_on(engine):
+    text = "A shopping list in HTML: <ul>\n<li>apples</li>\n<li>pears"
+    banned = set(markup_token_ids(engine.tok))
+    base, _, _ = run(engine, text, "baseline", max_tokens=8)
+    guarded, _, _ = run(engine, text, "t_guard", max_tokens=8)
+    assert banned & set(base), engine.tok.decode(base)  # baseline closes its tags
+    assert not banned & set(guarded), engine.tok.decode(guarded)
+
+
 def test_interventions_do_change_logprobs(engine):
     base = prompt_logprobs(engine, PROMPTS[0], "baseline")
     for profile in ["t_sae_only", "t_zero", "t_keep_error", "t_clamp"]:
@@ -93,11 +103,12 @@ def test_perfect_sae_and_never_firing_ablations_leave_logprobs_unchanged(engine,
         assert max(abs(a.logprob - b.logprob) for a, b in zip(base, other)) < 1e-4
 
 
-@pytest.mark.parametrize("profile", ["baseline", "t_keep_error", "t_sequence", "t_zero"])
+@pytest.mark.parametrize("profile", ["baseline", "t_keep_error", "t_sequence", "t_zero", "t_seq_active",
+                                     "t_gen_zero", "t_gen_off"])
 def test_cached_decoding_matches_full_recomputation(engine, tl, table, profile):
     out, _, _ = run(engine, PROMPTS[0], profile, max_tokens=6)
     ids = [engine.tok.bos_token_id] + engine.tok(PROMPTS[0], add_special_tokens=False).input_ids
-    with torch.inference_mode(), ablated(tl, profile, table):
+    with torch.inference_mode(), ablated(tl, profile, table, n_prompt=len(ids)):  # the rest: generated tokens
         ref = tl(torch.tensor([ids + out]))[0, len(ids) - 1:-1].argmax(-1).tolist()
     assert out == ref
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from workshop.discover import FeatureActs, profile_yaml, rank
+from workshop.discover import FeatureActs, clamp_profile, rank
 
 
 def synthetic(n_tokens, d_sae, planted=None, seed=0):
@@ -21,16 +21,16 @@ def test_planted_feature_ranks_first():
     retain.acts[5, 42] = 0.5  # fires on one retain token: still specific
     for method in ("dsg", "firing"):
         ranking = rank(forget, retain, method, top=5)
-        assert ranking[0]["feature"] == 42, method
-        assert 7 not in [r["feature"] for r in ranking]
+        assert ranking[0].feature == 42, method
+        assert 7 not in [r.feature for r in ranking]
     r = rank(forget, retain, "firing")[0]
-    assert abs(r["rate_forget"] - 1 / 3) < 0.01 and r["rate_retain"] < 0.001
+    assert abs(r.rate_forget - 1 / 3) < 0.01 and r.rate_retain < 0.001
 
 
 def test_features_busy_on_retain_are_excluded():
     forget, retain = synthetic(600, 64, planted=42), synthetic(600, 64, planted=42, seed=1)
-    assert all(r["feature"] != 42 for r in rank(forget, retain, "firing"))
-    assert all(r["feature"] != 42 for r in rank(forget, retain, "dsg"))
+    assert all(r.feature != 42 for r in rank(forget, retain, "firing"))
+    assert all(r.feature != 42 for r in rank(forget, retain, "dsg"))
 
 
 def test_a_small_retain_set_is_not_diluted_by_a_large_one():
@@ -41,18 +41,18 @@ def test_a_small_retain_set_is_not_diluted_by_a_large_one():
     generic.acts[:, 42] = 0
     pooled = FeatureActs(torch.cat([genre.acts, generic.acts]), [], [], [])
     for method in ("dsg", "firing"):
-        assert rank(forget, pooled, method, top=3)[0]["feature"] == 42, method
-        assert all(r["feature"] != 42 for r in rank(forget, [genre, generic], method)), method
-    assert rank(forget, [generic], "dsg", top=1)[0]["feature"] == 42
+        assert rank(forget, pooled, method, top=3)[0].feature == 42, method
+        assert all(r.feature != 42 for r in rank(forget, [genre, generic], method)), method
+    assert rank(forget, [generic], "dsg", top=1)[0].feature == 42
 
 
 def test_ceiling_keeps_a_feature_that_fires_weakly_on_retain_and_strongly_on_forget():
     forget, retain = synthetic(600, 64, planted=42), synthetic(3000, 64, seed=1)
     retain.acts[:, 42] = 0
     retain.acts[::2, 42] = 1.0  # a weak firing on half the retain tokens: dsg and firing drop it
-    assert all(r["feature"] != 42 for r in rank(forget, retain, "firing"))
+    assert all(r.feature != 42 for r in rank(forget, retain, "firing"))
     top = rank(forget, retain, "ceiling", top=3)[0]
-    assert top["feature"] == 42 and top["fires_above"] == 1.0 and abs(top["score"] - 1 / 3) < 0.01
+    assert top.feature == 42 and top.fires_above == 1.0 and abs(top.score - 1 / 3) < 0.01
 
 
 def test_outliers_leave_out_the_retain_texts_a_feature_peaks_highest_in():
@@ -62,11 +62,11 @@ def test_outliers_leave_out_the_retain_texts_a_feature_peaks_highest_in():
     acts[::10, 42] = 1.0  # weak on every retain text (30 texts, 10 tokens each) …
     acts[7, 42] = 9.0  # … and far above the topic once, in text 0
     retain = FeatureActs(acts, [0] * 300, [i // 10 for i in range(300)], [i % 10 for i in range(300)])
-    f42 = lambda **kw: [r for r in rank(forget, retain, "ceiling", top=64, **kw) if r["feature"] == 42]  # noqa: E731
+    f42 = lambda **kw: [r for r in rank(forget, retain, "ceiling", top=64, **kw) if r.feature == 42]  # noqa: E731
     assert f42() == []
-    assert f42(outliers=1)[0]["fires_above"] == 1.0 and abs(f42(outliers=1)[0]["score"] - 1 / 3) < 0.01
+    assert f42(outliers=1)[0].fires_above == 1.0 and abs(f42(outliers=1)[0].score - 1 / 3) < 0.01
     acts[17, 42] = 8.0  # a second text above the topic: one outlier is not enough, two are
-    assert f42(outliers=1) == [] and f42(outliers=2)[0]["fires_above"] == 1.0
+    assert f42(outliers=1) == [] and f42(outliers=2)[0].fires_above == 1.0
 
 
 def test_written_profile_clamps_to_minus_mean_activation(tmp_path):
@@ -80,15 +80,15 @@ def test_written_profile_clamps_to_minus_mean_activation(tmp_path):
     ranking = rank(forget, retain, "dsg", top=2)
     sae = save_sae(build_sae("standard", 16, 64), tmp_path / "sae")
     path = tmp_path / "p.yaml"
-    path.write_text(profile_yaml("p", "gemma-3-270m", str(sae), "blocks.6.hook_resid_post", ranking[:1], True,
-                                 "token", 1.0, "test"))
+    path.write_text(clamp_profile("p", "gemma-3-270m", str(sae), "blocks.6.hook_resid_post", ranking[:1], True,
+                                  "token", 1.0, "test").to_yaml())
     spec = load_profile(path)
     edit = spec.interventions[0].edits[0]
-    assert edit.feature == 42 and abs(edit.value + ranking[0]["mean_when_active"]) < 1e-3
+    assert edit.feature == 42 and abs(edit.value + ranking[0].mean_when_active) < 1e-3
     assert yaml.safe_load(path.read_text())["interventions"][0]["condition"] == "token"
     assert edit.fires_above == 0.0
-    path.write_text(profile_yaml("p", "gemma-3-270m", str(sae), "blocks.6.hook_resid_post",
-                                 rank(forget, retain, "ceiling", top=1), True, "sequence", 2.0, "test"))
+    path.write_text(clamp_profile("p", "gemma-3-270m", str(sae), "blocks.6.hook_resid_post",
+                                  rank(forget, retain, "ceiling", top=1), True, "sequence", 2.0, "test").to_yaml())
     edit = load_profile(path).interventions[0].edits[0]
     assert edit.fires_above == round(float(retain.acts[:, 42].max()), 3) and edit.value < 0
 

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 
 from ablation.sae_io import shipped_sae
-from ablation.spec import load_profile
+from ablation.spec import ProfileSpec, load_profile
 from evals.common import Topics, load_jsonl
 from workshop import corpus
+from workshop.discover import FeatureScore
 from workshop.inputs import Inputs, UnlearnError, read_inputs
-from workshop.unlearn import choose, run, top_of_each
+from workshop.recipe import Goals
+from workshop.scoring import Scores
+from workshop.unlearn import Candidate, Outcome, choose, run, top_of_each
 
 DATA = corpus.DATA
 HP, SW = ([t for t in (DATA / f).read_text().splitlines() if t.strip() and not t.startswith("#")]
@@ -59,18 +62,24 @@ def test_bad_dev_prompts_and_missing_files(tmp_path):
 
 
 def test_the_rule_keeps_the_goals_then_forgets_most_and_breaks_ties_with_fewer_features():
-    row = lambda k, forget, generic, nearby, loss: dict(k=k, forget=forget, generic=generic, nearby=nearby,  # noqa: E731
-                                                        loss_pct=loss)
+    def row(k, forget, generic, nearby, loss, outliers=0, fluency=None):
+        return Outcome(Scores({"forget": forget, "generic": generic, "nearby": nearby}, fluency), loss,
+                       Candidate("c", ProfileSpec(name="c"), k, outliers))
     rows = {"baseline": row(0, 20, 20, 20, 0.0), "a": row(2, 5, 20, 20, 0.0), "b": row(3, 2, 20, 19, 0.5),
             "c": row(5, 2, 20, 17, 1.0), "d": row(8, 0, 18, 20, 0.1), "e": row(8, 0, 20, 20, 2.5)}
     chosen, why = choose(rows, ["a", "b", "c", "d", "e"])
     assert chosen == "b"  # b and c tie on forget: fewer features
     assert why == {"d": "generic 18/20", "e": "loss +2.50%"}
     assert choose(rows, ["d", "e"])[0] is None
-    rows["b2"] = dict(rows["b"], outliers=2)  # the same answers with a looser threshold: the stricter one wins
+    rows["b2"] = row(3, 2, 20, 19, 0.5, outliers=2)  # the same answers with a looser threshold: the stricter wins
     assert choose(rows, ["b2", "b"])[0] == "b"
-    rows["b"]["fluency"], rows["b_half"] = -3.5, dict(rows["b"], fluency=-2.5)  # a weaker clamp, as forgetful
-    assert choose(rows, ["b", "b_half", "b2"])[0] == "b_half"
+    rows["b"], rows["b_half"] = row(3, 2, 20, 19, 0.5, fluency=-3.5), row(3, 2, 20, 19, 0.5, fluency=-2.5)
+    assert choose(rows, ["b", "b_half", "b2"])[0] == "b_half"  # a weaker clamp, as forgetful
+    # the fluency floor: forget completions at most 0.3 nats/token below baseline's
+    rows = {"baseline": row(0, 20, 20, 20, 0.0, fluency=-1.2), "broken": row(3, 0, 20, 20, 0.0, fluency=-1.6),
+            "fluent": row(3, 1, 20, 20, 0.0, fluency=-1.4)}
+    assert choose(rows, ["broken", "fluent"]) == ("fluent", {"broken": "fluency -1.60 vs -1.20"})
+    assert choose(rows, ["broken", "fluent"], Goals(fluency_drop=0.5))[0] == "broken"
 
 
 @pytest.mark.parametrize("name,topics", [("hp_dev_prompts.jsonl", "hp"), ("sw_dev_prompts.jsonl", "sw"),
@@ -86,10 +95,11 @@ def test_shipped_dev_prompt_files_are_the_eval_dev_splits(name, topics):
 
 
 def test_several_topics_take_the_top_k_of_each_once():
-    a = [{"feature": i, "t": "a"} for i in (5, 7, 9)]
-    b = [{"feature": i, "t": "b"} for i in (7, 3, 1)]
-    assert [(r["feature"], r["t"]) for r in top_of_each([a, b], 2)] == [(5, "a"), (7, "a"), (3, "b")]
-    assert [r["feature"] for r in top_of_each([a], 5)] == [5, 7, 9]
+    def scores(features, score):
+        return [FeatureScore(f, score, 1, 1, 1, 1, 1, 1, 1) for f in features]
+    a, b = scores((5, 7, 9), 0.5), scores((7, 3, 1), 0.25)
+    assert [(r.feature, r.score) for r in top_of_each([a, b], 2)] == [(5, 0.5), (7, 0.5), (3, 0.25)]
+    assert [r.feature for r in top_of_each([a], 5)] == [5, 7, 9]
 
 
 def test_no_separating_feature_says_what_to_try(lm, tmp_path):
