@@ -127,7 +127,8 @@ async def familiarity(ctx: EvalContext) -> dict:
     cols = ("correct_rate", "mention_rate", "mean_answer_prob", "mean_fluency")
     rows = [[p] + [summary[k][p][m] for k in sets for m in cols] for p in ctx.profiles]
     header = ["profile"] + [f"{k} {m}" for k in sets for m in ("correct", "mentions topic", "P(answer)", "fluency")]
-    opening = reading(ctx, summary, "Familiarity") + " " + fluency_table(ctx, summary, list(sets))[0]
+    sentence, fluency = fluency_table(ctx, summary, list(sets))
+    opening = reading(ctx, summary, "Familiarity") + " " + sentence
     md = ("# Familiarity\n\n" + opening +
           "\n\nShare of prompts answered correctly (an accepted answer in the greedy "
           f"{MAX_TOKENS}-token completion), share of completions that mention {ctx.topics.title} (lexicon), the "
@@ -135,7 +136,7 @@ async def familiarity(ctx: EvalContext) -> dict:
           f"token) `{ctx.baseline}` gives each completion after its first token — forgetting that leaves junk "
           "text (stray markup, repeats) shows as a fall here, a plausible wrong answer hardly.\n\n" +
           md_table(header, rows) +
-          "\n![familiarity](familiarity.png)\n\n## Fluency\n\n" + fluency_md(ctx, summary, list(sets)))
+          "\n![familiarity](familiarity.png)\n\n" + fluency)
     grouped_bars(ctx.out / "familiarity.png", "Familiarity by profile", ctx.profiles,
                  {f"{k} correct": [summary[k][p]["correct_rate"] for p in ctx.profiles] for k in sets}
                  | {f"{k} mentions": [summary[k][p]["mention_rate"] for p in ctx.profiles] for k in ctx.topics.names},
@@ -149,17 +150,14 @@ ADVERSARIAL = ("paraphrase", "language", "jailbreak", "relearning")
 FLUENCY = ("mean_fluency", "markup_rate", "repeat_rate")
 
 
-def fluency_md(ctx: EvalContext, summary: dict, sets: list[str]) -> str:
-    return (f"Fluency: the mean log-probability `{ctx.baseline}` gives each completion's tokens after the first; stray "
-        "markup: share of completions with an HTML tag; repeats: share with a 3-word run three times.\n\n" +
-            fluency_table(ctx, summary, sets)[1])
-
-
 def fluency_table(ctx: EvalContext, summary: dict, sets: list[str]) -> tuple[str, str]:
     """(a sentence naming the profile whose forget completions read most like baseline's, a table of
     fluency, stray-markup share and repetition share per profile and prompt set)."""
     rows = [[p, k] + [summary[k][p][m] for m in FLUENCY] for k in sets for p in ctx.profiles]
-    table = md_table(["profile", "prompts", "fluency (nats/token)", "stray markup", "repeats"], rows)
+    table = ("## Fluency\n\nFluency: the mean log-probability `" + ctx.baseline + "` gives each completion's tokens "
+             "after the first; stray markup: share of completions with an HTML tag; repeats: share with a 3-word run "
+             "three times.\n\n" + md_table(["profile", "prompts", "fluency (nats/token)", "stray markup", "repeats"],
+                                          rows))
     forget = [k for k in ctx.topics.names if k in summary]
     if not forget or not ctx.others:
         return "", table
@@ -188,12 +186,12 @@ async def robustness(ctx: EvalContext) -> dict:
             max(1, sum(s in summary for s in ADVERSARIAL)) for p in ctx.profiles}
     rows = [[s] + [f"{summary[s][p]['correct']}/{summary[s][p]['n']}" for p in ctx.profiles] for s in sets]
     rows.append(["leak (mean adversarial correct rate)"] + [leak[p] for p in ctx.profiles])
-    opening = robustness_reading(ctx, leak) + " " + fluency_table(ctx, summary, sets)[0]
+    sentence, fluency = fluency_table(ctx, summary, sets)
+    opening = robustness_reading(ctx, leak) + " " + sentence
     md = ("# Robustness\n\n" + opening + "\n\nCorrect answers per set (paraphrases, "
           "other languages, jailbreak-style prefixes, "
           "in-context relearning) and on nearby domains (collateral forgetting).\n\n" +
-          md_table(["set"] + ctx.profiles, rows) + "\n![robustness](robustness.png)\n\n## Fluency\n\n" +
-          fluency_md(ctx, summary, sets))
+          md_table(["set"] + ctx.profiles, rows) + "\n![robustness](robustness.png)\n\n" + fluency)
     grouped_bars(ctx.out / "robustness.png", "Correct rate by robustness set", sets,
                  {p: [summary[s][p]["correct_rate"] for s in sets] for p in ctx.profiles}, ylabel="correct rate")
     result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "summary": summary, "leak": leak,

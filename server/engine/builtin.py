@@ -49,7 +49,8 @@ class BuiltinEngine(Engine):
         self.batch = RunningBatch(cache, list(table.by_hook))
         # the markup guard (ablation/guard.py): which profiles ask for it, and the tag tokens it bans
         self.guarded = torch.tensor([s.markup_guard for s in table.specs.values()] + [False])
-        self.banned = torch.tensor(markup_token_ids(self.tok) if self.guarded.any() else [], dtype=torch.long)
+        self.banned = torch.tensor(markup_token_ids(self.tok) if self.guarded.any() else [], dtype=torch.long,
+                                   device=lm.device)
         self._waiting: deque[Sequence] = deque()
         self._live: dict[str, list[Sequence]] = {}
         self._cv = threading.Condition()
@@ -256,10 +257,12 @@ class BuiltinEngine(Engine):
     def _emit(self, rows: list[int], logits: torch.Tensor) -> None:
         """logits: [b, V] for `rows` -> each row's next token, appended and delivered."""
         seqs = [self.batch.seqs[r] for r in rows]
-        if self.banned.numel():
+        if self.banned.numel():  # the markup guard: only rows whose profile asks for it, once their edit is on
             b = torch.tensor(rows)
-            on = torch.stack([f[b.to(f.device)].cpu() for f in self.batch.fired.values()]).any(0)
-            guard_logits(logits, self.guarded[self.batch.profile[b]] & on, self.banned)
+            guarded = self.guarded[self.batch.profile[b]]
+            if guarded.any():
+                on = torch.stack([f[b.to(f.device)] for f in self.batch.fired.values()]).any(0).cpu()
+                guard_logits(logits, guarded & on, self.banned)
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         infos: list[TokenLogprob | None] = [None] * len(seqs)
