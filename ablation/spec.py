@@ -20,6 +20,7 @@ from protocol.openai import first_error
 class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file and the problem."""
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

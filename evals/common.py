@@ -28,6 +28,7 @@ TOPICS = DATA / "topics"
 class EvalError(RuntimeError):
     """A report that cannot run against this server; the message names the report and why."""
 
+
 def load_jsonl(name: str | Path, split: str = "all", limit: int | None = None) -> list[dict]:
     rows = [json.loads(ln) for ln in (DATA / name).read_text().splitlines() if ln.strip()]
     if split != "all":

@@ -25,7 +25,6 @@ def repeats(text: str, n: int = 3, times: int = 3) -> bool:
     return bool(grams) and max(grams.values()) >= times
 
 
-
 async def score_items(ctx: EvalContext, items: list[dict], desc: str, with_prob: bool = True,
                       with_fluency: bool = True) -> dict:
     """Per profile and item: the greedy completion, whether it is correct, whether it mentions a topic

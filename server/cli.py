@@ -48,7 +48,6 @@ def comma_list(kind=str):
             return [kind(x.strip()) for x in s.split(",") if x.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {s!r}") from None
-    parse.__name__ = f"{kind.__name__} list"
     return parse
 
 

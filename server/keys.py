@@ -32,6 +32,7 @@ ALL = "*"
 class KeysError(ValueError):
     """A keys file that cannot be used (one line, for the CLI)."""
 
+
 class KeyEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

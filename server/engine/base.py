@@ -77,6 +77,7 @@ class EngineStats:
 class EngineError(RuntimeError):
     """Generation failed for this request (the engine goes on serving others)."""
 
+
 class Engine(ABC):
     name: str
 
