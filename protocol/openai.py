@@ -58,22 +58,17 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(OpenAIBaseModel):
+class SamplingFields(OpenAIBaseModel):
+    """What completions and chat completions share: the model, the sampling fields and streaming."""
     model: str | None = Field(default=None, max_length=MAX_NAME)
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
-    echo: bool = False
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: int = Field(default=16, ge=0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> added to its logit, in [-100, 100]
     n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float = 0.0
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    suffix: str | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = Field(default=None, max_length=MAX_NAME)
@@ -81,10 +76,31 @@ class CompletionRequest(OpenAIBaseModel):
     # the ablation profile; may also be given as the model name ("hp_unlearn" or
     # "gemma-3-270m:hp_unlearn") for clients that cannot add fields
     profile: str | None = Field(default=None, max_length=MAX_NAME)
-    # as in vLLM: generate through end-of-sequence tokens until max_tokens (fixed-length workloads)
-    ignore_eos: bool = False
+    # vLLM's sampling extensions, with its meanings
+    top_k: int | None = None  # 0 or -1: every token
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False  # generate through end-of-sequence tokens until max_tokens (fixed-length workloads)
 
-    _unicode = field_validator("model", "prompt", "stop", "suffix", "user", "profile")(_check_unicode)
+    _unicode = field_validator("model", "stop", "user", "profile")(_check_unicode)
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int = Field(default=16, ge=0)
+    suffix: str | None = None
+
+    _unicode_prompt = field_validator("prompt", "suffix")(_check_unicode)
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of strings or a list of token-id lists."""
@@ -94,11 +110,6 @@ class CompletionRequest(OpenAIBaseModel):
         if p and isinstance(p[0], int):
             return [p]
         return list(p)
-
-    def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class Logprobs(BaseModel):

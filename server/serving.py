@@ -6,12 +6,13 @@ Engine-independent: everything here talks to the engine through server.engine.ba
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 
 from ablation.spec import ProfileSpec
 from models.loading import ModelInfo
 from protocol.openai import (CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelCard,
-    ModelList, ProfileCard, ProfileList, TokenizeRequest, TokenizeResponse, TokenizerInfo)
+    ModelList, ProfileCard, ProfileList, SamplingFields, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 from server.engine.base import Engine, Prompt, SamplingParams
 from server.errors import Forbidden, InvalidRequest, Unavailable, UnknownModel, UnknownProfile, shown
 from server.inflight import EngineCall
@@ -98,20 +99,47 @@ class CompletionServing:
     def _tokens(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids if text else []
 
-    def sampling_params(self, req: CompletionRequest) -> SamplingParams:
+    def sampling_params(self, req: SamplingFields, max_tokens: int, logprobs: int | None = None,
+                        prompt_logprobs: bool = False) -> SamplingParams:
+        """The request's sampling fields, checked with vLLM's rules and messages."""
+        def check(ok: bool, param: str, message: str) -> None:
+            if not ok:
+                raise InvalidRequest(message, param=param)
+
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(req, name)
+            check(math.isfinite(value) and -2.0 <= value <= 2.0, name, f"{name} must be in [-2, 2], got {value}.")
+        rep = req.repetition_penalty
+        check(math.isfinite(rep) and rep > 0, "repetition_penalty",
+              f"repetition_penalty must be a finite number greater than zero, got {rep}.")
+        top_k = req.top_k or 0
+        check(top_k >= -1, "top_k", f"top_k must be 0 (disable), or at least 1, got {top_k}.")
+        check(0.0 <= req.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {req.min_p}.")
+        check(req.min_tokens >= 0, "min_tokens", f"min_tokens must be greater than or equal to 0, got {req.min_tokens}.")
+        check(req.min_tokens <= max_tokens, "min_tokens",
+              f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {req.min_tokens}.")
+        check(len(req.stop_list()) <= 4, "stop", "at most 4 stop sequences")
+        bias = []
+        for token, value in (req.logit_bias or {}).items():
+            check(token.strip().lstrip("-").isdigit(), "logit_bias",
+                  f"logit_bias contains a key that is not an integer token id: {shown(token)}")
+            check(math.isfinite(value), "logit_bias", f"logit_bias values must be finite numbers, got {value}")
+            bias.append((int(token), min(100.0, max(-100.0, value))))  # clamped, as vLLM and OpenAI do
+        self._check_ids([t for t, _ in bias], "logit_bias", "logit_bias: ")
+        self._check_ids(req.stop_token_ids or [], "stop_token_ids", "stop_token_ids: ")
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              stop=req.stop_list(), seed=req.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              ignore_eos=req.ignore_eos, top_k=max(top_k, 0), min_p=req.min_p,
+                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                              repetition_penalty=rep, logit_bias=tuple(bias), min_tokens=req.min_tokens,
+                              stop_token_ids=tuple(req.stop_token_ids or ()))
+
+    def completion_params(self, req: CompletionRequest) -> SamplingParams:
         if req.best_of not in (None, req.n):
             raise InvalidRequest("best_of is not supported (leave it unset or equal to n)", param="best_of")
-        for name in ("logit_bias", "suffix"):
-            if getattr(req, name):
-                raise InvalidRequest(f"{name} is not supported", param=name)
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(req, name):
-                raise InvalidRequest(f"{name} is not supported (use 0)", param=name)
-        if len(req.stop_list()) > 4:
-            raise InvalidRequest("at most 4 stop sequences", param="stop")
-        return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              stop=req.stop_list(), seed=req.seed, logprobs=req.logprobs,
-                              prompt_logprobs=req.echo and req.logprobs is not None, ignore_eos=req.ignore_eos)
+        if req.suffix:
+            raise InvalidRequest("suffix is not supported", param="suffix")
+        return self.sampling_params(req, req.max_tokens, req.logprobs, req.echo and req.logprobs is not None)
 
     def build(self, req: CompletionRequest, profile: str) -> list[Prompt]:
         """The request's prompts as token ids, checked against the vocabulary and the context length."""
@@ -149,7 +177,7 @@ class CompletionServing:
         if not self.engine.health():
             raise Unavailable(f"the {self.engine.name} engine is not running (see the server log)")
         profile = self.resolve_profile(req, access)
-        params = self.sampling_params(req)
+        params = self.completion_params(req)
         self.check_fan_out(req)
         prompts = await asyncio.to_thread(self.build, req, profile)  # tokenizing: off the event loop
         call = EngineCall(self.engine, self.admission, self.metrics, self.request_timeout, profile, params, prompts,

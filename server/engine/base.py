@@ -30,10 +30,24 @@ class SamplingParams:
     logprobs: int | None = None  # top-k alternatives per token; None = no logprobs
     prompt_logprobs: bool = False  # echo + logprobs
     ignore_eos: bool = False  # end-of-sequence tokens do not end the choice (they add no text)
+    # the rest as vLLM applies them: bias, min_tokens and penalties before the choice (greedy or
+    # not), then temperature, min_p, top_k and top_p; logprobs are the model's, before any of them
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
+    presence_penalty: float = 0.0  # on the tokens generated so far
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # on the prompt's and the generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # end-of-sequence and stop_token_ids are barred before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # end the choice as end-of-sequence does (no text)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ last row (all of the above, KV slot included) into its place, so rows stay 0..B-
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class Sequence:
     text: TextStream
     generator: torch.Generator | None
     generated: int = 0
+    output_ids: list[int] = field(default_factory=list)  # the tokens generated (penalties read them)
     finished: bool = False
     aborted: bool = False  # set by abort() from another thread; read at step boundaries
     prompt_logprobs: list[TokenLogprob] | None = None  # computed by the prefill, sent with the first output

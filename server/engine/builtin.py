@@ -263,7 +263,8 @@ class BuiltinEngine(Engine):
             if guarded.any():
                 on = torch.stack([f[b.to(f.device)] for f in self.batch.fired.values()]).any(0).cpu()
                 guard_logits(logits, guarded & on, self.banned)
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                        [(s.prompt.input_ids, s.output_ids) for s in seqs], self.eos_ids)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         infos: list[TokenLogprob | None] = [None] * len(seqs)
         if want:
@@ -279,17 +280,19 @@ class BuiltinEngine(Engine):
 
     def _append(self, s: Sequence, info: TokenLogprob) -> ChoiceOutput:
         """Records one sampled token and says what the choice gained; a max_tokens of 0 takes none. An
-        end-of-sequence token ends the choice (unless `ignore_eos`): it is counted and listed (with its
+        end-of-sequence token (unless `ignore_eos`) or one of stop_token_ids ends the choice: it is counted and listed (with its
         logprob, as vLLM does: lm-eval reads the last token as the generated one) but adds no text."""
         if s.params.max_tokens == 0:
             s.finished = True
             out = ChoiceOutput(s.index, s.text.flush(), [], s.num_prompt_tokens, 0, "length", s.prompt_logprobs)
             s.prompt_logprobs = None
             return out
+        stops = info.token_id in s.params.stop_token_ids
         is_eos = info.token_id in self.eos_ids
-        ends = is_eos and not s.params.ignore_eos
+        ends = stops or (is_eos and not s.params.ignore_eos)
         s.generated += 1
-        delta, hit_stop = s.text.push(None if is_eos else info.token_id)
+        s.output_ids.append(info.token_id)
+        delta, hit_stop = s.text.push(None if is_eos or stops else info.token_id)
         reason = "stop" if ends or hit_stop else None
         if reason is None and s.generated >= s.params.max_tokens:
             reason = "length"

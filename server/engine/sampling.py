@@ -1,26 +1,88 @@
-"""Next-token choice and logprobs for a batch of rows, each with its own sampling parameters."""
+"""Next-token choice and logprobs for a batch of rows, each with its own sampling parameters.
+
+The order is vLLM's: logit bias, the min_tokens bar and the penalties change the logits (greedy rows
+take the argmax of those); sampled rows then divide by the temperature and keep the tokens that pass
+min_p, top_k and top_p before drawing with their own generator.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Collection, Sequence
 
 import torch
 
 from server.engine.base import SamplingParams, TokenLogprob
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
-    """logits: [B, V] -> next tokens [B] (CPU); greedy rows take the argmax, others draw with their own
-    generator (temperature, then nucleus top-p)."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           history: Sequence[tuple[list[int], list[int]]] = (), eos_ids: Collection[int] = ()) -> torch.Tensor:
+    """logits: [B, V] -> next tokens [B] (CPU). history: each row's (prompt ids, generated ids), needed
+    for penalties and min_tokens. `logits` itself is not changed (logprobs are read from it)."""
+    logits = processed(logits, params, history, eos_ids)
     tokens = logits.argmax(-1).cpu()
     for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        probs = torch.softmax(logits[i].float() / p.temperature, -1)
-        if p.top_p < 1.0:
-            sp, idx = probs.sort(descending=True)
-            sp[sp.cumsum(-1) - sp > p.top_p] = 0
-            probs = torch.zeros_like(probs).scatter(0, idx, sp)
-        tokens[i] = torch.multinomial(probs.cpu(), 1, generator=generators[i])[0]
+        if not p.greedy:
+            tokens[i] = torch.multinomial(_kept(logits[i].float() / p.temperature, p).cpu(), 1,
+                                          generator=generators[i])[0]
     return tokens
+
+
+def _kept(scaled: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """One row's tempered logits [V] -> unnormalized probabilities of the tokens min_p, top_k and top_p keep."""
+    probs = torch.softmax(scaled, -1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
+    if 0 < p.top_k < probs.shape[-1]:
+        probs = probs.masked_fill(probs < probs.topk(p.top_k).values[-1], 0)
+    if p.top_p < 1.0:
+        sp, idx = probs.sort(descending=True)
+        cum = sp.cumsum(-1) / sp.sum()
+        sp[cum - sp / sp.sum() > p.top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, idx, sp)
+    return probs
+
+
+def processed(logits: torch.Tensor, params: list[SamplingParams], history: Sequence[tuple[list[int], list[int]]],
+              eos_ids: Collection[int] = ()) -> torch.Tensor:
+    """The logits after each row's logit_bias, min_tokens bar and penalties: the same tensor when no row
+    asks for any, else a copy. The penalties run batched over the rows that set them."""
+    barred = [i for i, p in enumerate(params) if p.min_tokens and len(history[i][1]) < p.min_tokens]
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    penalized = [i for i, p in enumerate(params) if p.penalized]
+    if not (barred or biased or penalized):
+        return logits
+    logits = logits.clone()
+    dev, vocab = logits.device, logits.shape[-1]
+    for i in biased:
+        ids, bias = zip(*params[i].logit_bias)
+        logits[i, torch.tensor(ids, device=dev)] += torch.tensor(bias, dtype=logits.dtype, device=dev)
+    for i in barred:
+        p = params[i]
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+        if stops:
+            logits[i, torch.tensor(sorted(stops), device=dev)] = float("-inf")
+    if penalized:
+        rows = torch.tensor(penalized, device=dev)
+        sub = logits[rows].float()
+        counts = _counts([history[i][1] for i in penalized], vocab, dev)  # [b, V] generated tokens
+        seen = (_counts([history[i][0] for i in penalized], vocab, dev) > 0) | (counts > 0)
+        col = lambda name: torch.tensor([getattr(params[i], name) for i in penalized], device=dev)[:, None]  # noqa: E731
+        rep = col("repetition_penalty")
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub -= col("frequency_penalty") * counts + col("presence_penalty") * (counts > 0)
+        logits[rows] = sub.to(logits.dtype)
+    return logits
+
+
+def _counts(ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """Each row's token counts [len(ids), vocab], from one scatter over the padded id lists."""
+    width = max(map(len, ids), default=0)
+    pad = torch.full((len(ids), width), vocab, dtype=torch.long)  # column `vocab` takes the padding
+    for r, row in enumerate(ids):
+        pad[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+    counts = torch.zeros(len(ids), vocab + 1, device=device)
+    counts.scatter_add_(1, pad.to(device), torch.ones(pad.shape, device=device))
+    return counts[:, :vocab]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:

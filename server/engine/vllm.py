@@ -103,7 +103,10 @@ class VLLMEngine(Engine):
         sp = VSamplingParams(
             # greedy below GREEDY_BELOW as on the built-in engine: vLLM sampled at temperature 1e-300
             n=1, max_tokens=max(params.max_tokens, 1), temperature=0.0 if params.greedy else params.temperature,
-            top_p=params.top_p,
+            top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+            logit_bias=dict(params.logit_bias) or None, min_tokens=params.min_tokens,
+            stop_token_ids=list(params.stop_token_ids) or None,
             seed=params.seed, stop=list(params.stop) or None, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
             prompt_logprobs=(params.logprobs or 0) if params.prompt_logprobs else None,
             output_kind=RequestOutputKind.DELTA, extra_args={PROFILE_KEY: profile})

@@ -145,6 +145,61 @@ def test_ignore_eos_generates_through_end_of_sequence(client):
     assert forced.choices[0].text.strip() and "<eos>" not in forced.choices[0].text
 
 
+# ---- every sampling field (OpenAI's and vLLM's), on both engines ---------------------------------
+COUNTING = "One, two, three, four,"
+
+
+def test_top_k_1_and_min_p_1_at_temperature_1_are_greedy(client):
+    greedy = complete(client, prompt=COUNTING, max_tokens=12).choices[0].text
+    for field in ({"top_k": 1}, {"min_p": 1.0}):
+        drawn = complete(client, prompt=COUNTING, max_tokens=12, temperature=1.0, seed=5, extra_body=field)
+        assert drawn.choices[0].text == greedy, field
+    # and without them that seed draws something else (so the fields, not luck, made it greedy)
+    assert complete(client, prompt=COUNTING, max_tokens=12, temperature=1.0, seed=5).choices[0].text != greedy
+
+
+def test_logit_bias_forces_and_bans_tokens(client, lm):
+    tok = lm.tokenizer
+    comma = tok(",", add_special_tokens=False).input_ids[0]
+    forced = complete(client, prompt=COUNTING, max_tokens=5, logit_bias={str(comma): 100})
+    assert forced.choices[0].text == ",,,,,"
+    greedy = complete(client, prompt=COUNTING, max_tokens=1, logprobs=1)
+    first = tok(greedy.choices[0].text, add_special_tokens=False).input_ids[0]
+    banned = complete(client, prompt=COUNTING, max_tokens=1, logit_bias={str(first): -100})
+    assert banned.choices[0].text not in ("", greedy.choices[0].text)
+
+
+@pytest.mark.parametrize("field", ["repetition_penalty", "frequency_penalty", "presence_penalty"])
+def test_penalties_change_a_repetitive_greedy_text(client, field):
+    plain = complete(client, prompt=COUNTING, max_tokens=16).choices[0].text
+    assert plain.count(",") >= 4  # the counting goes on: the same comma again and again
+    value = 2.0 if field != "repetition_penalty" else 3.0
+    penalized = complete(client, prompt=COUNTING, max_tokens=16, extra_body={field: value}).choices[0].text
+    assert penalized != plain and penalized.count(",") < plain.count(","), penalized
+
+
+def test_stop_token_ids_end_the_choice_and_min_tokens_bars_them(client, lm):
+    tok = lm.tokenizer
+    text = complete(client, prompt=COUNTING, max_tokens=6).choices[0].text
+    ids = tok(text, add_special_tokens=False).input_ids
+    stop_at = ids[2]  # the third greedy token (its first time)
+    cut = complete(client, prompt=COUNTING, max_tokens=6, extra_body={"stop_token_ids": [stop_at]})
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == ids.index(stop_at) + 1
+    assert cut.choices[0].text == tok.decode(ids[:ids.index(stop_at)])  # the stop token adds no text
+    eos_first = 'def main():\n    print(\'hi\')\n\n\nif __name__ == "__main__":\n    main()\n'
+    held = complete(client, prompt=eos_first, max_tokens=8, extra_body={"min_tokens": 3})
+    assert held.usage.completion_tokens >= 3 and held.choices[0].text.strip()
+
+
+@pytest.mark.parametrize("field,value", [("presence_penalty", 3), ("frequency_penalty", -2.5),
+                                         ("repetition_penalty", 0), ("top_k", -2), ("min_p", 1.5),
+                                         ("min_tokens", -1), ("min_tokens", 99), ("stop_token_ids", [10**9]),
+                                         ("logit_bias", {"x": 1}), ("logit_bias", {"-3": 1})])
+def test_sampling_field_errors(api_server, field, value):
+    e = error_of(api_server, {"prompt": "x", "max_tokens": 4, field: value}, 400)
+    assert e["param"] == field and field in e["message"], e
+
+
 def test_models_and_profiles_listing(client, api_server):
     ids = {m.id for m in client.models.list().data}
     assert {"gemma-3-270m", "gemma-3-270m:baseline", "t_clamp", "prompted"} <= ids
@@ -193,7 +248,7 @@ def test_malformed_json_and_missing_prompt_and_bad_tokens(api_server):
     assert "malformed JSON" in error_of(api_server, None, 400, raw=b'{"prompt": "x",')["message"]
     assert error_of(api_server, {"max_tokens": 3}, 400)["param"] == "prompt"
     assert "token ids" in error_of(api_server, {"prompt": [1, 2, 10**9]}, 400)["message"]
-    assert "not supported" in error_of(api_server, {"prompt": "x", "logit_bias": {"1": 2}}, 400)["message"]
+    assert "not supported" in error_of(api_server, {"prompt": "x", "suffix": "y"}, 400)["message"]
 
 
 def test_openai_client_raises_with_the_message(client):
