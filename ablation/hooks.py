@@ -17,7 +17,7 @@ from sae_lens import SAE
 
 from ablation.edit import EditTensors, apply_edits
 from ablation.residual import Hookpoint, ResidualFn
-from ablation.sae_io import load_sae
+from ablation.sae_io import load_sae, sae_dims
 from ablation.spec import ProfileSpec
 
 CONTEXT_KWARG = "hook_ctx"
@@ -25,45 +25,108 @@ CONTEXT_KWARG = "hook_ctx"
 
 @dataclass
 class HookEntry:
-    profile: int  # index into ProfileTable.names
+    profile: int  # index into ProfileTable.installed
     sae: SAE
     edit: EditTensors
 
 
+Compiled = list[tuple[Hookpoint, SAE, EditTensors]]  # a profile's interventions, SAEs loaded
+
+
 class ProfileTable:
+    """The served profiles as hook entries. Profiles can be added and removed while an engine runs: an
+    index is never reused, so a request keeps the profile it started with; a removed profile's entries
+    stay until `prune` finds no request using them. The engine calls install/remove/prune between
+    forwards; compile (which loads SAEs) may run on any thread."""
+
     def __init__(self, profiles: dict[str, ProfileSpec], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        self.specs = profiles
-        self.names = list(profiles)
-        self.index = {n: i for i, n in enumerate(self.names)}
-        saes: dict[str, SAE] = {}  # one copy of each SAE, shared by the profiles that use it
+                 dtype: torch.dtype = torch.float32, load: bool = True):
+        """load=False: the specs only, no SAE loaded (a process that does not run the model, such as the
+        vLLM engine's server process: its workers load their own)."""
+        self.device, self.dtype, self.load = device, dtype, load
+        self.specs: dict[str, ProfileSpec] = {}  # what new requests may use
+        self.index: dict[str, int] = {}
+        self.installed: list[ProfileSpec] = []  # index -> spec, removed ones included
+        self.saes: dict[str, SAE] = {}  # one copy of each SAE, shared by the profiles that use it
         self.by_hook: dict[Hookpoint, list[HookEntry]] = {}
+        self.dims: tuple[int, int] | None = None  # (layers, width) of the model, once checked
         for name, spec in profiles.items():
-            for iv in spec.interventions:
-                if iv.sae not in saes:
-                    saes[iv.sae] = load_sae(iv.sae, device=str(device), dtype=dtype)
-                entry = HookEntry(self.index[name], saes[iv.sae], EditTensors.from_intervention(iv, device))
-                self.by_hook.setdefault(Hookpoint.parse(iv.hookpoint), []).append(entry)
-        self.saes = saes
+            self.install(name, spec, self.compile(spec))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def compile(self, spec: ProfileSpec) -> Compiled:
+        if not self.load:
+            return []
+        out = []
+        for iv in spec.interventions:
+            if iv.sae not in self.saes:
+                self.saes[iv.sae] = load_sae(iv.sae, device=str(self.device), dtype=self.dtype)
+            out.append((Hookpoint.parse(iv.hookpoint), self.saes[iv.sae], EditTensors.from_intervention(iv, self.device)))
+        if self.dims:
+            self._check(spec.name, out)
+        return out
+
+    def install(self, name: str, spec: ProfileSpec, compiled: Compiled) -> list[Hookpoint]:
+        """-> the hook points no profile used before (the engine hooks them)."""
+        i = len(self.installed)
+        self.installed.append(spec)
+        self.specs[name], self.index[name] = spec, i
+        new = [hp for hp, _, _ in compiled if hp not in self.by_hook]
+        for hp, sae, edit in compiled:
+            self.by_hook.setdefault(hp, []).append(HookEntry(i, sae, edit))
+        return new
+
+    def remove(self, name: str) -> int:
+        """New requests can no longer use `name`; -> its index (requests that have it keep it)."""
+        del self.specs[name]
+        return self.index.pop(name)
+
+    def prune(self, in_use: set[int]) -> None:
+        """Drops the entries (and SAEs) of removed profiles that no request in `in_use` still has."""
+        keep = set(self.index.values()) | in_use
+        for entries in self.by_hook.values():
+            entries[:] = [e for e in entries if e.profile in keep]  # in place: the hooks hold these lists
+        used = {id(e.sae) for entries in self.by_hook.values() for e in entries}
+        self.saes = {ref: sae for ref, sae in self.saes.items() if id(sae) in used}
+
+    def guarded(self) -> torch.Tensor:
+        """[installed + 1] bool: the profiles with the markup guard (the last entry: no profile)."""
+        return torch.tensor([s.markup_guard for s in self.installed] + [False])
 
     def check_model(self, n_layers: int, d_model: int) -> None:
+        self.dims = (n_layers, d_model)
         for hp, entries in self.by_hook.items():
-            if hp.layer >= n_layers:
-                raise ValueError(f"hookpoint {hp} does not exist: the model has {n_layers} layers")
             for e in entries:
-                if e.sae.cfg.d_in != d_model:
-                    raise ValueError(
-                        f"profile {self.names[e.profile]!r}: SAE d_in {e.sae.cfg.d_in} != model width {d_model}"
-                    )
-                if e.edit.features.numel() and int(e.edit.features.max()) >= e.sae.cfg.d_sae:
-                    raise ValueError(
-                        f"profile {self.names[e.profile]!r}: feature {int(e.edit.features.max())} "
-                        f">= SAE width {e.sae.cfg.d_sae}"
-                    )
+                self._check(self.installed[e.profile].name, [(hp, e.sae, e.edit)])
+        if not self.load:  # from the SAEs' configs
+            for spec in self.installed:
+                for iv in spec.interventions:
+                    dims = sae_dims(iv.sae)
+                    if dims:
+                        top = max((ed.feature for ed in iv.edits), default=-1)
+                        self._fits(spec.name, Hookpoint.parse(iv.hookpoint), *dims, top)
 
-    def layer_hooks(self) -> dict[Hookpoint, ResidualFn]:
-        """One hook function per intervened hook point, reading the context from the layer's kwargs."""
-        return {hp: ResidualHook(hp, entries).on_layer for hp, entries in self.by_hook.items()}
+    def _check(self, name: str, compiled: Compiled) -> None:
+        for hp, sae, edit in compiled:
+            top = int(edit.features.max()) if edit.features.numel() else -1
+            self._fits(name, hp, sae.cfg.d_in, sae.cfg.d_sae, top)
+
+    def _fits(self, name: str, hp: Hookpoint, d_in: int, d_sae: int, top_feature: int) -> None:
+        n_layers, d_model = self.dims
+        if hp.layer >= n_layers:
+            raise ValueError(f"hookpoint {hp} does not exist: the model has {n_layers} layers")
+        if d_in != d_model:
+            raise ValueError(f"profile {name!r}: SAE d_in {d_in} != model width {d_model}")
+        if top_feature >= d_sae:
+            raise ValueError(f"profile {name!r}: feature {top_feature} >= SAE width {d_sae}")
+
+    def layer_hooks(self, hookpoints: list[Hookpoint] | None = None) -> dict[Hookpoint, ResidualFn]:
+        """One hook function per intervened hook point (or per one of `hookpoints`), reading the context
+        from the layer's kwargs."""
+        return {hp: ResidualHook(hp, self.by_hook[hp]).on_layer for hp in (hookpoints or self.by_hook)}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -61,3 +62,16 @@ def load_sae(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) 
             f"({sae.cfg.normalize_activations}); fold it into the weights before serving"
         )
     return sae
+
+
+def sae_dims(ref: str) -> tuple[int, int] | None:
+    """(d_in, d_sae) from an SAE directory's cfg.json without loading its weights (a process that does
+    not run the model checks profiles with this); None for a release (its config is on the hub)."""
+    cfg = Path(ref) / "cfg.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text())
+        return int(data["d_in"]), int(data["d_sae"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SAELoadError(f"{cfg}: not an SAE config ({type(e).__name__}: {e})") from None

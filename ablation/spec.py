@@ -131,7 +131,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return {**base, **data}
 
 
-def _resolve_sae_paths(spec: ProfileSpec, path: Path) -> ProfileSpec:
+def resolve_sae_paths(spec: ProfileSpec, path: Path) -> ProfileSpec:
+    """SAE folders given relative to the profile file at `path`, made absolute (and checked to exist)."""
     base = path.parent
     fixed = []
     for iv in spec.interventions:
@@ -152,7 +153,7 @@ def load_profile(path: str | Path) -> ProfileSpec:
     except ValidationError as e:
         where, msg = first_error(e, "profile")
         raise ProfileError(f"{path}: {where}: {msg}") from None
-    return _resolve_sae_paths(spec, path)
+    return resolve_sae_paths(spec, path)
 
 
 def default_profiles_dir() -> Path:

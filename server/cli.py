@@ -17,6 +17,8 @@ def add_serve(sub) -> None:
     p.add_argument("--model", help="gemma-3-270m (embedded, default), a local HF folder or a hub name")
     p.add_argument("--profiles", type=Path, action="append",
                    help="a directory of profile YAML files (repeatable; default: the shipped profiles)")
+    p.add_argument("--profiles-dir", type=Path, help="where profiles added at runtime (POST /v1/profiles) are "
+                   "written; read at start after --profiles. Without it, POST /v1/profiles is refused")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
@@ -27,6 +29,8 @@ def add_serve(sub) -> None:
     p.add_argument("--data-parallel-size", type=int, help="vllm engine: model replicas")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--cache-dir", type=Path, help="where the embedded model is prepared once")
+    p.add_argument("--chat-template", help="for /v1/chat/completions: a Jinja file or a shipped template (gemma); "
+                   "default: the model's own (the embedded model has Gemma's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' for every profile (a flag shows in "
                    "`ps`: prefer OBLIVIATE_API_KEY or --keys)")
     p.add_argument("--keys", type=Path, help="a YAML keys file: which profiles each key may use (README: Keys)")
@@ -88,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ablation.sae_io import SAELoadError
     from ablation.spec import ProfileError, load_profiles
-    from models.loading import ModelLoadError
+    from models.loading import ModelLoadError, chat_template
     from server.app import build_app, load_model_for, profile_table
     from server.keys import Keyring, KeysError
 
@@ -96,8 +100,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_serve(settings, args.api_key is not None)
     try:
         # fail fast, before serving: profiles and keys first, they need no model
-        names = list(load_profiles(settings.profiles, settings.model))
+        names = list(load_profiles(settings.profile_dirs(), settings.model))
         keyring = Keyring.build(settings.keys, settings.api_key, names)
+        chat_template(settings.chat_template, None)  # a --chat-template file that is not there
         model = load_model_for(settings)
         table = profile_table(settings, model)
     except (ProfileError, SAELoadError, ModelLoadError, KeysError, ValueError) as e:

@@ -56,6 +56,16 @@ class Forbidden(ObliviateError):
     type = "permission_error"
 
 
+class NotFound(ObliviateError):
+    status_code = 404
+    type = "not_found_error"
+
+
+class Conflict(ObliviateError):
+    status_code = 409
+    type = "invalid_request_error"
+
+
 class PayloadTooLarge(ObliviateError):
     status_code = 413
 

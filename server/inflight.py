@@ -18,9 +18,11 @@ from server.metrics import Metrics
 
 class EngineCall:
     def __init__(self, engine: Engine, admission: Admission, metrics: Metrics, timeout: float, profile: str,
-                 params: SamplingParams, prompts: list[Prompt], n: int, key: str, prefix: str = "cmpl"):
+                 params: SamplingParams, prompts: list[Prompt], n: int, key: str, prefix: str = "cmpl",
+                 label: str | None = None):
         self.engine, self.admission, self.metrics, self.timeout = engine, admission, metrics, timeout
         self.profile, self.params, self.prompts, self.n, self.key = profile, params, prompts, n, key
+        self.label = label or profile  # the profile's name in responses and metrics ("inline" for inline ones)
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.t0 = time.perf_counter()
         self.deadline = asyncio.get_running_loop().time() + timeout
@@ -56,7 +58,7 @@ class EngineCall:
                     raise RequestTimeout(self.timeout) from None
                 if out.tokens and self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
-                    self.metrics.ttft.labels(self.profile).observe(self.first_token_at - self.t0)
+                    self.metrics.ttft.labels(self.label).observe(self.first_token_at - self.t0)
                 self.generated[out.index] = out.num_generated_tokens
                 yield out
         except EngineError as e:
@@ -72,16 +74,16 @@ class EngineCall:
         if self.ended:
             return usage
         self.ended = True
-        m.requests.labels(self.profile, str(status), self.key).inc()
+        m.requests.labels(self.label, str(status), self.key).inc()
         if aborted:
-            m.aborted.labels(self.profile, aborted).inc()
-        m.prompt_tokens.labels(self.profile).inc(self.prompt_tokens)
-        m.generation_tokens.labels(self.profile).inc(gen)
+            m.aborted.labels(self.label, aborted).inc()
+        m.prompt_tokens.labels(self.label).inc(self.prompt_tokens)
+        m.generation_tokens.labels(self.label).inc(gen)
         now = time.perf_counter()
-        m.e2e.labels(self.profile).observe(now - self.t0)
+        m.e2e.labels(self.label).observe(now - self.t0)
         per_choice = max(self.generated.values(), default=0)
         if self.first_token_at is not None and per_choice > 1:
-            m.per_token.labels(self.profile).observe((now - self.first_token_at) / (per_choice - 1))
+            m.per_token.labels(self.label).observe((now - self.first_token_at) / (per_choice - 1))
         return usage
 
     def ended_by(self, e: BaseException) -> None:

@@ -10,6 +10,11 @@ A keys file (`obliviate serve --keys FILE`):
         sha256: 3f9a…
         profiles: [hp_unlearn]
         default_profile: hp_unlearn   # what a request without a profile gets
+      - name: ops
+        key: sk-ops
+        profiles: ["*"]
+        admin: true               # may add and remove profiles (POST/DELETE /v1/profiles)
+        inline: true              # may send a profile spec in a request's `profile` field
 
 Presented keys are hashed and compared with every entry's digest in constant time.
 """
@@ -41,6 +46,8 @@ class KeyEntry(BaseModel):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     profiles: list[str] = Field(min_length=1)
     default_profile: str | None = None
+    admin: bool = False
+    inline: bool = False
 
     @field_validator("key", "sha256", mode="before")
     @classmethod
@@ -64,11 +71,13 @@ class KeysFile(BaseModel):
 
 @dataclass(frozen=True)
 class Access:
-    """What one client may do: the key's name and profiles (None = all)."""
+    """What one client may do: the key's name and profiles (None = all), and whether it may change them."""
 
     name: str
     allowed: frozenset[str] | None = None
     default_profile: str = "baseline"
+    admin: bool = False
+    inline: bool = False  # may send a whole profile spec in a request (its SAEs: ones the server has)
 
     def allows(self, profile: str) -> bool:
         return self.allowed is None or profile in self.allowed
@@ -77,7 +86,7 @@ class Access:
         return [n for n in names if self.allows(n)]
 
 
-OPEN = Access("none")  # no keys configured: every profile
+OPEN = Access("none", inline=True)  # no keys configured: every profile, inline ones too
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ def _read(path: Path, profiles: list[str]):
     except ValidationError as e:
         where, msg = first_error(e, "the file")
         raise KeysError(f"{path}: {where}: {msg} (expected keys: [{{name, key | sha256, profiles, "
-                        f"default_profile}}])") from None
+                        f"default_profile, admin, inline}}])") from None
     names = set()
     for i, e in enumerate(spec.keys, 1):
         name = e.name or f"key{i}"
@@ -136,7 +145,7 @@ def _read(path: Path, profiles: list[str]):
         if default not in profiles or (allowed is not None and default not in allowed):
             raise KeysError(f"{path}: key {name!r}: default_profile {default!r} is not one of its profiles")
         digest = bytes.fromhex(e.sha256) if e.sha256 else _digest(e.key)
-        yield digest, Access(name, allowed, default)
+        yield digest, Access(name, allowed, default, e.admin, e.inline)
 
 
 def _default(allowed: frozenset[str] | None) -> str | None:

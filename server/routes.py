@@ -11,8 +11,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from protocol.openai import (CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelList, ProfileList,
-    TokenizeRequest, TokenizeResponse, TokenizerInfo)
+from protocol.openai import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+    ModelList, ProfileCard, ProfileList, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 from server.errors import Unauthorized
 from server.keys import OPEN, Access
 from server.serving import CompletionServing
@@ -70,11 +70,21 @@ ops = APIRouter()
 @api.post("/v1/completions")
 async def create_completion(req: CompletionRequest, s: Serving, key: Key, request: Request):
     result = await unless_disconnected(request, s.create(req, key))
+    return _answer(result, req.stream)
+
+
+def _answer(result, stream: bool) -> Response:
     if result is None:
         return Response(status_code=499)  # the client has gone; nobody reads this
-    if req.stream:
+    if stream:
         return StreamingResponse(result, media_type="text/event-stream")
     return JSONResponse(result.model_dump(exclude_none=True))
+
+
+@api.post("/v1/chat/completions")
+async def create_chat_completion(req: ChatCompletionRequest, s: Serving, key: Key, request: Request):
+    result = await unless_disconnected(request, s.create_chat(req, key))
+    return _answer(result, req.stream)
 
 
 @api.get("/v1/models")
@@ -85,6 +95,22 @@ async def list_models(s: Serving, key: Key) -> ModelList:
 @api.get("/v1/profiles")
 async def list_profiles(s: Serving, key: Key) -> ProfileList:
     return s.profiles(key)
+
+
+@api.post("/v1/profiles", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object"}}, "application/yaml": {"schema": {"type": "string"}}}}})
+async def add_profile(request: Request, key: Key) -> ProfileCard:
+    """A profile spec as JSON or YAML text (as a profile file); admin keys only."""
+    return await request.app.state.admin.add(await request.body(), key, _host(request))
+
+
+@api.delete("/v1/profiles/{name}")
+async def remove_profile(name: str, request: Request, key: Key) -> dict:
+    return await request.app.state.admin.remove(name, key, _host(request))
+
+
+def _host(request: Request) -> str | None:
+    return request.client.host if request.client else None
 
 
 @api.post("/tokenize")

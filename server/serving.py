@@ -6,33 +6,46 @@ Engine-independent: everything here talks to the engine through server.engine.ba
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+from collections import OrderedDict
+from pathlib import Path
 from collections.abc import AsyncIterator
 
+from pydantic import ValidationError
+
 from ablation.spec import ProfileSpec
-from models.loading import ModelInfo
-from protocol.openai import (CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelCard,
-    ModelList, ProfileCard, ProfileList, SamplingFields, TokenizeRequest, TokenizeResponse, TokenizerInfo)
+from models.loading import ModelInfo, chat_template
+from protocol.openai import (ChatCompletionRequest, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ModelCard, ModelList, ProfileCard, ProfileList, SamplingFields, TokenizeRequest,
+    TokenizeResponse, TokenizerInfo, first_error)
 from server.engine.base import Engine, Prompt, SamplingParams
 from server.errors import Forbidden, InvalidRequest, Unavailable, UnknownModel, UnknownProfile, shown
 from server.inflight import EngineCall
 from server.keys import OPEN, Access
 from server.limits import Admission
 from server.metrics import Metrics
-from server.responses import CompletionResponder
+from server.responses import ChatResponder, CompletionResponder, Responder
 from server.settings import Settings
+
+
+INLINE = "inline"  # an inline profile's name in responses and metrics
+MAX_INLINE = 16  # inline profiles kept installed (least recently used first out)
 
 
 class CompletionServing:
     def __init__(self, engine: Engine, model: ModelInfo, profiles: dict[str, ProfileSpec], metrics: Metrics,
                  settings: Settings):
-        self.engine, self.model, self.specs, self.metrics = engine, model, profiles, metrics
+        self.engine, self.model, self.specs, self.metrics = engine, model, dict(profiles), metrics
         self.tok = model.tokenizer
         self.max_model_len = min(settings.max_model_len, model.max_len)
         self.max_choices, self.request_timeout = settings.max_choices, settings.request_timeout
         self.admission = Admission(settings.max_batch_size, settings.max_queue)
         metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self._prefix_ids = {n: self._tokens(s.prefix) for n, s in profiles.items()}
+        self.chat_template = chat_template(settings.chat_template, self.tok)
+        self._inline: OrderedDict[str, ProfileSpec] = OrderedDict()  # installed inline profiles, by spec hash
+        self._inline_lock = asyncio.Lock()
 
     # ---- listing (what the key may use) ------------------------------------------------------
     def models(self, access: Access = OPEN) -> ModelList:
@@ -43,10 +56,20 @@ class CompletionServing:
         return ModelList(data=cards)
 
     def profiles(self, access: Access = OPEN) -> ProfileList:
-        return ProfileList(data=[
-            ProfileCard(name=n, description=s.description, model=s.model, prefix=s.prefix,
-                        interventions=[iv.model_dump() for iv in s.interventions], version=s.metadata.version)
-            for n, s in self.specs.items() if access.allows(n)])
+        return ProfileList(data=[self.card(n) for n in self.specs if access.allows(n)])
+
+    def card(self, name: str) -> ProfileCard:
+        s = self.specs[name]
+        return ProfileCard(name=name, description=s.description, model=s.model, prefix=s.prefix,
+                           interventions=[iv.model_dump() for iv in s.interventions], version=s.metadata.version)
+
+    # ---- runtime profiles (server/admin.py changes the engine first, then these) ----------------
+    def profile_added(self, spec: ProfileSpec) -> None:
+        self._prefix_ids[spec.name] = self._tokens(spec.prefix)
+        self.specs[spec.name] = spec
+
+    def profile_removed(self, name: str) -> None:
+        del self.specs[name]  # requests in flight hold their own prefix ids and engine index
 
     # ---- the tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) ----------------------
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
@@ -85,6 +108,11 @@ class CompletionServing:
                 from_model = model
             else:
                 raise UnknownModel(model, [c.id for c in self.models(access).data])
+        if isinstance(req.profile, dict):
+            if from_model:
+                raise InvalidRequest(f"model {shown(model)} selects profile {shown(from_model)} but the request "
+                                     f"sends an inline profile", param="profile")
+            return INLINE
         if from_model and req.profile and from_model != req.profile:
             raise InvalidRequest(f"model {shown(model)} selects profile {shown(from_model)} but the request's "
                                  f"profile field says {shown(req.profile)}", param="profile")
@@ -95,6 +123,47 @@ class CompletionServing:
             raise Forbidden(f"the key {access.name!r} may not use profile {shown(name)}; its profiles: "
                             f"{', '.join(access.visible(self.specs))}", param="profile", code="profile_not_allowed")
         return name
+
+    async def engine_profile(self, req: CompletionRequest | ChatCompletionRequest, access: Access) -> tuple[str, str]:
+        """-> (the profile the engine serves, its name in responses and metrics)."""
+        name = self.resolve_profile(req, access)
+        if name != INLINE:
+            return name, name
+        if not access.inline:
+            raise Forbidden(f"the key {access.name!r} may not send inline profiles (needs `inline: true` in the "
+                            f"keys file)", param="profile", code="inline_not_allowed")
+        spec = self._inline_spec(req.profile)
+        key = f"inline-{hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]}"
+        async with self._inline_lock:
+            if key in self._inline:
+                self._inline.move_to_end(key)
+            else:
+                await self.engine.add_profile(key, spec)
+                self._prefix_ids[key] = self._tokens(spec.prefix)
+                self._inline[key] = spec
+                while len(self._inline) > MAX_INLINE:  # the least recently used goes (its requests finish with it)
+                    old, _ = self._inline.popitem(last=False)
+                    await self.engine.remove_profile(old)
+        return key, INLINE
+
+    def _inline_spec(self, data: dict) -> ProfileSpec:
+        """An inline profile spec, checked as a profile file is; its SAEs must be ones served profiles use
+        (by their reference, or by the SAE folder's name)."""
+        try:
+            spec = ProfileSpec.model_validate({"name": INLINE, **data})
+        except ValidationError as e:
+            where, msg = first_error(e, "profile")
+            raise InvalidRequest(f"inline profile: {where}: {msg}", param="profile") from None
+        known = {iv.sae: iv.sae for s in self.specs.values() for iv in s.interventions}
+        known |= {Path(ref).name: ref for ref in list(known) if Path(ref).is_absolute()}
+        fixed = []
+        for iv in spec.interventions:
+            if iv.sae not in known:
+                raise InvalidRequest(f"inline profile: SAE {shown(iv.sae)} is not one this server has; its SAEs: "
+                                     f"{', '.join(sorted(k for k in known if not Path(k).is_absolute()))}",
+                                     param="profile", code="unknown_sae")
+            fixed.append(iv.model_copy(update={"sae": known[iv.sae]}))
+        return spec.model_copy(update={"interventions": fixed})
 
     def _tokens(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids if text else []
@@ -141,53 +210,99 @@ class CompletionServing:
             raise InvalidRequest("suffix is not supported", param="suffix")
         return self.sampling_params(req, req.max_tokens, req.logprobs, req.echo and req.logprobs is not None)
 
-    def build(self, req: CompletionRequest, profile: str) -> list[Prompt]:
-        """The request's prompts as token ids, checked against the vocabulary and the context length."""
+    def build(self, prompts: list[str] | list[list[int]], max_tokens: int | None, profile: str) -> list[Prompt]:
+        """Prompts as token ids (a BOS of their own dropped: the context has it), checked against the
+        vocabulary and the context length; max_tokens None: the rest of the context."""
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         out = []
-        for i, p in enumerate(req.prompts()):
+        for i, p in enumerate(prompts):
             if isinstance(p, str):
                 ids = self._tokens(p)
             else:
                 self._check_ids(p, "prompt", f"prompt {i}: ")
-                ids = list(p[1:] if bos and p[:1] == bos else p)
+                ids = list(p)
+            ids = ids[1:] if bos and ids[:1] == bos else ids
             ctx = bos + self._prefix_ids[profile]
-            total = len(ctx) + len(ids) + req.max_tokens
+            wanted = 1 if max_tokens is None else max_tokens
+            total = len(ctx) + len(ids) + wanted
             if total > self.max_model_len:
                 raise InvalidRequest(
                     f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                    f"requested {total} tokens ({len(ctx) + len(ids)} in the prompt, {req.max_tokens} for "
+                    f"requested {total} tokens ({len(ctx) + len(ids)} in the prompt, {wanted} for "
                     f"the completion). Please reduce the prompt or max_tokens.",
-                    param="prompt", code="context_length_exceeded")
+                    param="prompt" if max_tokens is not None else "messages", code="context_length_exceeded")
             out.append(Prompt(ctx, ids))
         if not out:
             raise InvalidRequest("prompt must not be empty", param="prompt")
         return out
 
-    def check_fan_out(self, req: CompletionRequest) -> None:
+    def check_fan_out(self, n_prompts: int, n: int) -> None:
         """A request larger than the server could ever take is a 400, not a 429 to retry forever."""
-        n_prompts, most = len(req.prompts()), min(self.max_choices, self.admission.capacity)
-        if n_prompts * req.n > most:
+        most = min(self.max_choices, self.admission.capacity)
+        if n_prompts * n > most:
             raise InvalidRequest(
-                f"this request asks for {n_prompts * req.n} completions ({n_prompts} prompts x n={req.n}); at most "
+                f"this request asks for {n_prompts * n} completions ({n_prompts} prompts x n={n}); at most "
                 f"{most} a request (the server's --max-choices, or --max-batch-size + --max-queue): split it",
                 code="too_many_choices", param="prompt" if n_prompts > 1 else "n")
 
-    async def create(self, req: CompletionRequest, access: Access = OPEN) -> CompletionResponse | AsyncIterator[str]:
+    def _check_health(self) -> None:
         if not self.engine.health():
             raise Unavailable(f"the {self.engine.name} engine is not running (see the server log)")
-        profile = self.resolve_profile(req, access)
+
+    async def create(self, req: CompletionRequest, access: Access = OPEN) -> CompletionResponse | AsyncIterator[str]:
+        self._check_health()
+        profile, label = await self.engine_profile(req, access)
         params = self.completion_params(req)
-        self.check_fan_out(req)
-        prompts = await asyncio.to_thread(self.build, req, profile)  # tokenizing: off the event loop
+        self.check_fan_out(len(req.prompts()), req.n)
+        prompts = await asyncio.to_thread(self.build, req.prompts(), req.max_tokens, profile)  # off the event loop
         call = EngineCall(self.engine, self.admission, self.metrics, self.request_timeout, profile, params, prompts,
-                          req.n, access.name)
-        run = CompletionResponder(call, req, self.tok, self.model.name)
-        if not req.stream:
-            return await run.collect()
-        chunks = run.stream()
-        first = await anext(chunks)  # admission and errors before the first chunk are answered as HTTP errors
-        return _prepend(first, chunks)
+                          req.n, access.name, label=label)
+        return await _respond(CompletionResponder(call, req, self.tok, self.model.name), req.stream)
+
+    # ---- chat: messages rendered with the chat template, then served as a completion ----------
+    def render(self, req: ChatCompletionRequest) -> str:
+        if self.chat_template is None:
+            raise InvalidRequest(f"the model {self.model.name!r} has no chat template: start the server with "
+                                 f"--chat-template FILE (a Jinja template, as vLLM's flag) or use /v1/completions",
+                                 param="messages", code="no_chat_template")
+        if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
+            raise InvalidRequest("continue_final_message needs add_generation_prompt false and an assistant "
+                                 "message last", param="continue_final_message")
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+        try:
+            return self.tok.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                add_generation_prompt=req.add_generation_prompt,
+                                                continue_final_message=req.continue_final_message)
+        except Exception as e:  # a template may raise anything (jinja2's errors, its own raise_exception)
+            raise InvalidRequest(f"the chat template cannot render these messages: {e}", param="messages") from None
+
+    def _chat_prompt(self, req: ChatCompletionRequest, profile: str) -> tuple[Prompt, SamplingParams]:
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        [prompt] = self.build([self.render(req)], max_tokens, profile)
+        if max_tokens is None:  # as vLLM: the rest of the context
+            max_tokens = self.max_model_len - len(prompt.input_ids)
+        return prompt, self.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+
+    async def create_chat(self, req: ChatCompletionRequest, access: Access = OPEN):
+        self._check_health()
+        profile, label = await self.engine_profile(req, access)
+        self.check_fan_out(1, req.n)
+        prompt, params = await asyncio.to_thread(self._chat_prompt, req, profile)  # rendering, tokenizing
+        call = EngineCall(self.engine, self.admission, self.metrics, self.request_timeout, profile, params, [prompt],
+                          req.n, access.name, prefix="chatcmpl", label=label)
+        return await _respond(ChatResponder(call, req, self.tok, self.model.name), req.stream)
+
+
+async def _respond(run: Responder, stream: bool):
+    """The whole response, or its stream: admission and errors before the first chunk are answered as
+    HTTP errors."""
+    if not stream:
+        return await run.collect()
+    chunks = run.stream()
+    first = await anext(chunks)
+    return _prepend(first, chunks)
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -16,6 +16,7 @@ class Settings(BaseSettings):
 
     model: str = DEFAULT_MODEL
     profiles: list[Path] = [default_profiles_dir()]
+    profiles_dir: Path | None = None  # where POST /v1/profiles writes (and a restart reads) runtime profiles
     host: str = "127.0.0.1"
     port: int = 8000
     device: str | None = None
@@ -26,6 +27,7 @@ class Settings(BaseSettings):
     data_parallel_size: int = 1  # vllm engine only
     max_model_len: int = 2048
     cache_dir: Path = default_cache_dir()
+    chat_template: str | None = None  # a Jinja file or a shipped name (models/templates); default: the model's
     api_key: str | None = None  # one key for every profile; prefer OBLIVIATE_API_KEY to the flag (ps shows flags)
     keys: Path | None = None  # a keys file: which profiles each key may use (server/keys.py)
     allow_unauthenticated: bool = False  # serve on a non-loopback host without keys
@@ -36,3 +38,11 @@ class Settings(BaseSettings):
     request_timeout: float = 600.0  # seconds from arrival to the last token
     drain_timeout: int = 30  # seconds in-flight requests get to finish on SIGTERM
     log_level: str = "info"
+
+    def profile_dirs(self) -> list[Path]:
+        """The directories profiles load from: --profiles, then --profiles-dir (made if missing; its
+        profiles override the others)."""
+        if self.profiles_dir is None:
+            return list(self.profiles)
+        self.profiles_dir.mkdir(parents=True, exist_ok=True)
+        return [*self.profiles, self.profiles_dir]

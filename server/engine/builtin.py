@@ -22,6 +22,7 @@ import torch
 from ablation.guard import guard_logits, markup_token_ids
 from ablation.hooks import CONTEXT_KWARG, HookContext, ProfileTable
 from ablation.residual import decoder_layers, residual_hooks
+from ablation.spec import ProfileSpec
 from models.loading import LoadedModel
 from server.engine.base import (ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob,
     choices, drain)
@@ -48,9 +49,10 @@ class BuiltinEngine(Engine):
         cache = SlotCache(self.model.config, max_batch_size, lm.dtype, lm.device)
         self.batch = RunningBatch(cache, list(table.by_hook))
         # the markup guard (ablation/guard.py): which profiles ask for it, and the tag tokens it bans
-        self.guarded = torch.tensor([s.markup_guard for s in table.specs.values()] + [False])
-        self.banned = torch.tensor(markup_token_ids(self.tok) if self.guarded.any() else [], dtype=torch.long,
-                                   device=lm.device)
+        self.guarded = table.guarded()
+        self.banned = self._banned()
+        self._controls: deque[Callable[[], None]] = deque()  # profile changes, run between steps
+        self._retired: set[int] = set()  # removed profiles whose entries may still be in use
         self._waiting: deque[Sequence] = deque()
         self._live: dict[str, list[Sequence]] = {}
         self._cv = threading.Condition()
@@ -86,7 +88,9 @@ class BuiltinEngine(Engine):
         if not self.health():
             raise EngineError("the engine is not running")
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
-        idx = self.table.index[profile]
+        idx = self.table.index.get(profile)
+        if idx is None:  # never the plain model for a profile the engine does not hold
+            raise EngineError(f"profile {profile!r} is not installed in the engine")
         seqs = [self._sequence(request_id, i, p, q, idx, outbox, loop) for i, p, q in choices(prompts, params, n)]
         with self._cv:
             self._live[request_id] = seqs
@@ -100,6 +104,45 @@ class BuiltinEngine(Engine):
 
     async def abort(self, request_id: str) -> None:
         self._abort(request_id)
+
+    async def add_profile(self, name: str, spec: ProfileSpec) -> None:
+        compiled = await asyncio.to_thread(self.table.compile, spec)  # loads SAEs off the engine thread
+
+        def install() -> None:
+            for hp in self.table.install(name, spec, compiled):
+                self.batch.fired[hp] = torch.zeros(self.batch.cache.slots, dtype=torch.bool, device=self.lm.device)
+                self._installed.enter_context(residual_hooks(self.model, self.table.layer_hooks([hp])))
+            self.guarded = self.table.guarded()
+            self.banned = self._banned()
+
+        await self._between_steps(install)
+
+    async def remove_profile(self, name: str) -> None:
+        await self._between_steps(lambda: self._retired.add(self.table.remove(name)))
+
+    async def _between_steps(self, change: Callable[[], None]) -> None:
+        """Runs `change` on the engine thread between two steps (at once if the loop is idle)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def run() -> None:
+            try:
+                change()
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except Exception as e:
+                loop.call_soon_threadsafe(lambda err=e: done.done() or done.set_exception(err))
+
+        with self._cv:
+            if self._thread is None or not self._thread.is_alive():
+                change()
+                return
+            self._controls.append(run)
+            self._cv.notify()
+        await done
+
+    def _banned(self) -> torch.Tensor:
+        ids = markup_token_ids(self.tok) if self.guarded.any() else []
+        return torch.tensor(ids, dtype=torch.long, device=self.lm.device)
 
     def health(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._failure is None
@@ -136,11 +179,16 @@ class BuiltinEngine(Engine):
         try:
             while True:
                 with self._cv:
-                    while not self._waiting and not self.batch.seqs and not self._stop:
+                    while not self._waiting and not self.batch.seqs and not self._controls and not self._stop:
                         self._cv.wait()
                     if self._stop:
                         break
+                    controls, self._controls = list(self._controls), deque()
                     new = self._admit()
+                for change in controls:
+                    change()
+                if self._retired:
+                    self._prune()
                 self.step(new)
         except BaseException as e:  # a fault outside any one row: nothing more can be served
             log.exception("engine loop failed")
@@ -149,6 +197,13 @@ class BuiltinEngine(Engine):
             with self._cv:
                 left = [s for seqs in self._live.values() for s in seqs if not s.finished]
             self._deliver([(s, EngineError("the engine stopped")) for s in left])
+
+    def _prune(self) -> None:
+        """Frees removed profiles that no running or waiting sequence has any more."""
+        with self._cv:
+            in_use = {s.profile for s in self._waiting} | {s.profile for s in self.batch.seqs}
+        self.table.prune(in_use)
+        self._retired &= in_use
 
     def _admit(self) -> list[Sequence]:
         """Waiting sequences that fit: free rows, and a prefill of at most max_prefill_tokens (or one prompt)."""

@@ -57,10 +57,8 @@ def processed(logits: torch.Tensor, params: list[SamplingParams], history: Seque
         ids, bias = zip(*params[i].logit_bias)
         logits[i, torch.tensor(ids, device=dev)] += torch.tensor(bias, dtype=logits.dtype, device=dev)
     for i in barred:
-        p = params[i]
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
-        if stops:
-            logits[i, torch.tensor(sorted(stops), device=dev)] = float("-inf")
+        stops = set(params[i].stop_token_ids) | set(eos_ids)  # end-of-sequence too under ignore_eos, as in vLLM
+        logits[i, torch.tensor(sorted(stops), device=dev)] = float("-inf")
     if penalized:
         rows = torch.tensor(penalized, device=dev)
         sub = logits[rows].float()

@@ -37,14 +37,17 @@ class VLLMEngine(Engine):
     def __init__(self, model: ModelInfo, profiles: dict[str, ProfileSpec], *, dtype: str | None = None,
                  max_batch_size: int = 32, max_model_len: int = 2048, tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, kv_cache_gib: int = 4):
-        self.model, self.specs = model, profiles
+        self.model, self.specs = model, dict(profiles)
         self.options = dict(dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len,
                             tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
         self.kv_cache_gib = kv_cache_gib
         self.llm = None
         self._stats = _Stats()
         self._live: dict[str, list[str]] = {}  # our request id -> its vLLM request ids
-        self._stateful = {n for n, s in profiles.items() if any(iv.stateful for iv in s.interventions)}
+        self.served: set[str] = set()  # what every worker holds (what they said), less profiles being removed
+        self._index: dict[str, int] = {}  # profile -> its install index in the workers
+        self._users: dict[str, int] = {}  # profile -> requests in flight with it
+        self._removals: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))  # GiB, CPU backend only
@@ -59,9 +62,33 @@ class VLLMEngine(Engine):
             disable_log_stats=False)
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.factory])
         payload = {n: s.model_dump() for n, s in self.specs.items()}
-        banned = markup_token_ids(self.model.tokenizer) if any(s.markup_guard for s in self.specs.values()) else []
-        names = await self.llm.collective_rpc("obliviate_install", args=(payload, banned))
-        log.info("vLLM workers serve profiles %s", names[0])
+        names = await self.llm.collective_rpc("obliviate_install", args=(payload, markup_token_ids(self.model.tokenizer)))
+        self.served = set.intersection(*map(set, names))
+        self._index = {n: i for i, n in enumerate(self.specs)}
+        log.info("vLLM workers serve profiles %s", sorted(self.served))
+
+    async def add_profile(self, name: str, spec: ProfileSpec) -> None:
+        got = await self.llm.collective_rpc("obliviate_add", args=(name, spec.model_dump()))
+        errors = [g for g in got if isinstance(g, str)]
+        if errors or len(set(got)) != 1:
+            for index in {g for g in got if not isinstance(g, str)}:  # undo where it went in
+                await self.llm.collective_rpc("obliviate_remove", args=(name, index))
+            raise ValueError(errors[0] if errors else f"the workers disagree on profile {name!r}: {got}")
+        self.specs[name], self._index[name] = spec, got[0]
+        self.served.add(name)
+
+    async def remove_profile(self, name: str) -> None:
+        """New requests are refused at once; the workers drop the profile once its last request ends."""
+        self.served.discard(name)
+        index = self._index.pop(name)
+        task = asyncio.create_task(self._remove_when_unused(name, index))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+
+    async def _remove_when_unused(self, name: str, index: int) -> None:
+        while self._users.get(name):
+            await asyncio.sleep(0.05)
+        await self.llm.collective_rpc("obliviate_remove", args=(name, index))
 
     async def shutdown(self) -> None:
         if self.llm is not None:
@@ -82,11 +109,19 @@ class VLLMEngine(Engine):
                        n: int = 1) -> AsyncIterator[ChoiceOutput]:
         if not self.health():
             raise EngineError("the engine is not running")
+        if profile not in self.served:  # never the plain model for a profile the workers do not hold
+            raise EngineError(f"profile {profile!r} is not installed in the vLLM workers")
+        self._users[profile] = self._users.get(profile, 0) + 1
         queue: asyncio.Queue = asyncio.Queue()
         jobs = choices(prompts, params, n)
         ids = [f"{request_id}-{i}" for i, _, _ in jobs]
         self._live[request_id] = ids
-        tasks = [asyncio.create_task(self._choice(rid, i, p, q, profile, queue)) for rid, (i, p, q) in zip(ids, jobs)]
+        # the cache salt: the profile and its install index (one added again is another), and the request
+        # where the edit's state at a cached prefix is not stored
+        salt = f"{profile}#{self._index[profile]}"
+        stateful = any(iv.stateful for iv in self.specs[profile].interventions)
+        tasks = [asyncio.create_task(self._choice(rid, i, p, q, profile, f"{salt}:{rid}" if stateful else salt, queue))
+                 for rid, (i, p, q) in zip(ids, jobs)]
         try:
             async for out in drain(queue, len(tasks)):
                 yield out
@@ -94,12 +129,12 @@ class VLLMEngine(Engine):
             for t in tasks:
                 t.cancel()
             await self.abort(request_id)
+            self._users[profile] -= 1
 
-    async def _choice(self, rid: str, index: int, prompt: Prompt, params: SamplingParams, profile: str,
+    async def _choice(self, rid: str, index: int, prompt: Prompt, params: SamplingParams, profile: str, salt: str,
                       queue: asyncio.Queue) -> None:
         """One vLLM request; its outputs, converted, go to the request's queue."""
 
-        salt = f"{profile}:{rid}" if profile in self._stateful else profile
         sp = VSamplingParams(
             # greedy below GREEDY_BELOW as on the built-in engine: vLLM sampled at temperature 1e-300
             n=1, max_tokens=max(params.max_tokens, 1), temperature=0.0 if params.greedy else params.temperature,

@@ -10,6 +10,7 @@ keyword arguments, and after the forward the `sequence` condition's state is kep
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 
 import torch
 
@@ -28,17 +29,22 @@ class ForwardContexts:
 
     def __init__(self, runner, table: ProfileTable, device: torch.device):
         self.runner, self.table, self.device = runner, table, device
-        self.hookpoints = list(table.by_hook)
-        self.stateful = [hp for hp, entries in table.by_hook.items() if any(e.edit.stateful
-                                                                             for e in entries)]
         self.profile_of: dict[str, int] = {}  # request id -> profile index
-        self.fired: dict[str, torch.Tensor] = {}  # request id -> [len(stateful)] bool, after its last forward
+        self.fired: dict[str, dict] = {}  # request id -> {stateful hook point: fired}, after its last forward
         self._last: list[str] | None = None  # the requests of the last forward, until the guard reads them
+
+    @property
+    def stateful(self) -> list:
+        return [hp for hp, entries in self.table.by_hook.items() if any(e.edit.stateful for e in entries)]
 
     def _profile(self, rid: str) -> int:
         if rid not in self.profile_of:
             extra = getattr(self.runner.requests[rid].sampling_params, "extra_args", None) or {}
-            self.profile_of[rid] = self.table.index.get(extra.get(PROFILE_KEY, "baseline"), -1)
+            name = extra.get(PROFILE_KEY, "baseline")
+            if name not in self.table.index:  # fail closed: never the plain model for a profile not held
+                raise UnknownProfileError(f"request {rid}: profile {name!r} is not installed in this worker "
+                                          f"(it holds {self.table.names})")
+            self.profile_of[rid] = self.table.index[name]
         return self.profile_of[rid]
 
     def build(self, positions: torch.Tensor) -> tuple[HookContext, list[str]] | None:
@@ -55,8 +61,8 @@ class ForwardContexts:
         seq = torch.arange(n + 1).repeat_interleave(torch.cat([counts, torch.tensor([pad])]))
         fresh = torch.from_numpy(batch.num_computed_tokens_cpu[:n] == 0)  # chunk starts at position 0
         fired = {}
-        for j, hp in enumerate(self.stateful):
-            f = torch.tensor([bool(self.fired[r][j]) if r in self.fired and not fresh[i] else False
+        for hp in self.stateful:
+            f = torch.tensor([bool(self.fired.get(r, {}).get(hp, False)) and not fresh[i]
                               for i, r in enumerate(rids)] + [False])
             fired[hp] = f.to(self.device)
         n_prompt = torch.tensor([self.runner.requests[r].num_prompt_tokens for r in rids] + [0])
@@ -70,20 +76,29 @@ class ForwardContexts:
         rids, self._last = self._last, None
         if rids is None:
             return None
-        on = [bool(self.fired[r].any()) if r in self.fired else False for r in rids]
+        on = [any(self.fired.get(r, {}).values()) for r in rids]
         return guarded[[self._profile(r) for r in rids]] & torch.tensor(on, dtype=torch.bool)
 
     def commit(self, ctx: HookContext, rids: list[str]) -> None:
-        """Keeps each request's `sequence` state after the forward; forgets finished requests."""
-        if self.stateful:
-            rows = torch.stack([ctx.fired[hp][:len(rids)].cpu() for hp in self.stateful], -1)  # [n, s]
+        """Keeps each request's `sequence` state after the forward; forgets finished requests and frees
+        removed profiles no request has any more."""
+        if ctx.fired:
+            hps = list(ctx.fired)
+            rows = torch.stack([ctx.fired[hp][:len(rids)].cpu() for hp in hps], -1).tolist()  # [n, s]
             for i, r in enumerate(rids):
-                self.fired[r] = rows[i]
+                self.fired[r] = dict(zip(hps, rows[i]))
         self._last = rids
         live = self.runner.requests
         for d in (self.fired, self.profile_of):
             for r in [r for r in d if r not in live]:
                 del d[r]
+        if len(self.table.index) < len(self.table.installed):  # some profile was removed
+            self.table.prune(set(self.profile_of.values()))
+
+
+class UnknownProfileError(RuntimeError):
+    """A request names a profile the worker does not hold (the engine process checks first: this is
+    the last line, and it stops the engine rather than serve such a request unedited)."""
 
 
 class VLLMWorkerExtension:
@@ -97,8 +112,9 @@ class VLLMWorkerExtension:
         table = ProfileTable(specs, weight.device, weight.dtype)
         config = model.config
         table.check_model(config.num_hidden_layers, config.hidden_size)
-        self._obliviate_hooks = residual_hooks(model, table.layer_hooks(), paired=True)
-        self._obliviate_hooks.__enter__()
+        self._obliviate = table
+        self._obliviate_hooks = ExitStack()
+        self._obliviate_hooks.enter_context(residual_hooks(model, table.layer_hooks(), paired=True))
         contexts = ForwardContexts(runner, table, weight.device)
         forward = runner._model_forward
 
@@ -111,18 +127,42 @@ class VLLMWorkerExtension:
             return out
 
         runner._model_forward = model_forward
-        if banned:  # the markup guard: the first logits after a forward are the ones sampled from
-            guarded = torch.tensor([s.markup_guard for s in specs.values()] + [False])
-            banned_ids = torch.tensor(banned, dtype=torch.long)
-            compute_logits = runner.model.compute_logits  # what execute_model calls
+        banned_ids = torch.tensor(banned, dtype=torch.long)
+        compute_logits = runner.model.compute_logits  # what execute_model calls
 
-            def guarded_logits(hidden_states, *args, **kwargs):
-                logits = compute_logits(hidden_states, *args, **kwargs)
-                rows = contexts.guarded_rows(guarded)
-                if rows is not None and logits is not None and logits.shape[0] == rows.shape[0]:
-                    guard_logits(logits, rows, banned_ids)
-                return logits
+        def guarded_logits(hidden_states, *args, **kwargs):  # the markup guard: the first logits after a forward
+            logits = compute_logits(hidden_states, *args, **kwargs)
+            guarded = self._obliviate_guarded
+            rows = contexts.guarded_rows(guarded) if guarded.any() else None
+            if rows is not None and logits is not None and logits.shape[0] == rows.shape[0]:
+                guard_logits(logits, rows, banned_ids)
+            return logits
 
-            runner.model.compute_logits = guarded_logits
+        self._obliviate_guarded = table.guarded()
+        runner.model.compute_logits = guarded_logits
         log.info("obliviate hooks installed at %s for %s", [str(h) for h in table.by_hook], table.names)
+        return table.names
+
+    def obliviate_add(self, name: str, spec: dict) -> int | str:
+        """Installs a profile between two steps (collective_rpc runs between them); -> its index, or an
+        error message (returned, not raised: the engine goes on serving)."""
+        table = self._obliviate
+        try:
+            parsed = ProfileSpec.model_validate(spec)
+            compiled = table.compile(parsed)
+        except Exception as e:  # a bad SAE or a spec that does not fit the model: one line for the client
+            return f"{type(e).__name__}: {e}"
+        index, new = len(table.installed), table.install(name, parsed, compiled)
+        if new:
+            self._obliviate_hooks.enter_context(residual_hooks(self.model_runner.get_model(), table.layer_hooks(new),
+                                                               paired=True))
+        self._obliviate_guarded = table.guarded()
+        return index
+
+    def obliviate_remove(self, name: str, index: int) -> list[str]:
+        """Removes `name` if it is still the install `index` (the engine process calls this once no request
+        of it is left); -> the profiles the worker holds."""
+        table = self._obliviate
+        if table.index.get(name) == index:
+            table.remove(name)
         return table.names

@@ -8,7 +8,7 @@ from transformers import GemmaConfig, GemmaForCausalLM
 
 from ablation.sae_io import SAELoadError, load_sae
 from ablation.spec import load_profiles
-from models.loading import ModelLoadError, load_model, resolve
+from models.loading import ModelLoadError, load_info, load_model, resolve
 from server.live import LiveServer
 from server.settings import Settings
 from tests.helpers import build_sae, save_sae, write_profile
@@ -22,6 +22,7 @@ def tiny_gemma_dir(tmp_path_factory, lm):
                       num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256)
     GemmaForCausalLM(cfg).save_pretrained(d)
     lm.tokenizer.save_pretrained(d)
+    (d / "chat_template.jinja").unlink(missing_ok=True)  # a base model's tokenizer, without a chat template
     return d
 
 
@@ -41,6 +42,10 @@ def test_local_folder_serves_its_own_profiles(tiny_gemma_dir, tmp_path):
                                                         "profile": "tiny_sae_only"})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 3
+        # a model without a chat template (and no --chat-template) refuses chat clearly
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template", r.text
+        assert "--chat-template" in r.json()["error"]["message"]
 
 
 def test_unknown_and_unreachable_models_and_saes_fail_clearly(monkeypatch, tmp_path):
@@ -54,7 +59,8 @@ def test_unknown_and_unreachable_models_and_saes_fail_clearly(monkeypatch, tmp_p
 
 
 def test_embedded_tokenizer_starts_with_bos_and_a_cache_without_it_is_fixed(lm, tmp_path):
-    """The GGUF's tokenizer, as transformers 5 converts it, does not add <bos>; the cached folder must."""
+    """The GGUF's tokenizer, as transformers 5 converts it, does not add <bos> and has no chat template,
+    and <end_of_turn> does not end generation; the cached folder must have all three."""
     from transformers import AutoTokenizer
 
     from models.loading import DEFAULT_MODEL, prepare_embedded
@@ -65,8 +71,13 @@ def test_embedded_tokenizer_starts_with_bos_and_a_cache_without_it_is_fixed(lm, 
     (old / "config.json").write_text(lm.config.to_json_string())
     tok = AutoTokenizer.from_pretrained(lm.path)
     tok.add_bos_token = False
+    tok.chat_template = None
     tok.save_pretrained(old)
+    (old / "chat_template.jinja").unlink(missing_ok=True)
     assert AutoTokenizer.from_pretrained(old)("Hello world").input_ids[0] != tok.bos_token_id
     assert prepare_embedded(tmp_path) == old
-    assert AutoTokenizer.from_pretrained(old)("Hello world").input_ids == [tok.bos_token_id] + tok(
-        "Hello world", add_special_tokens=False).input_ids
+    fixed = AutoTokenizer.from_pretrained(old)
+    assert fixed("Hello world").input_ids == [tok.bos_token_id] + tok("Hello world", add_special_tokens=False).input_ids
+    chat = fixed.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert load_info(str(old)).eos_ids == {tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")}

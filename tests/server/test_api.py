@@ -200,6 +200,64 @@ def test_sampling_field_errors(api_server, field, value):
     assert e["param"] == field and field in e["message"], e
 
 
+# ---- chat completions (the embedded model's Gemma turn template) -------------------------------------
+CHAT = [{"role": "system", "content": "Answer in a few words."},
+        {"role": "user", "content": "Who is the headmaster of Hogwarts?"}]
+
+
+def chat(client, **kw):
+    kw = {"model": "gemma-3-270m", "messages": CHAT, "max_tokens": 10, "temperature": 0, **kw}
+    return client.chat.completions.create(**kw)
+
+
+@pytest.mark.parametrize("profile", ["baseline", "hp_unlearn"])
+def test_chat_equals_a_completion_of_the_rendered_prompt(client, lm, profile):
+    rendered = lm.tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<start_of_turn>model\n") and "Answer in a few words." in rendered
+    plain = complete(client, prompt=rendered, max_tokens=10, extra_body={"profile": profile})
+    r = chat(client, extra_body={"profile": profile})
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model_extra["profile"] == profile
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == plain.choices[0].text
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens and r.usage.completion_tokens == 10
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}, extra_body={"profile": profile}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].object == "chat.completion.chunk"
+
+
+def test_chat_logprobs_n_stop_and_the_end_of_turn(client, lm):
+    r = chat(client, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-5 for t in content)
+    seeded = [chat(client, n=2, temperature=1.0, seed=7) for _ in range(2)]
+    assert [c.message.content for c in seeded[0].choices] == [c.message.content for c in seeded[1].choices]
+    assert len(seeded[0].choices) == 2
+    word = r.choices[0].message.content.split()[1]
+    cut = chat(client, stop=[word])
+    assert cut.choices[0].finish_reason == "stop" and word not in cut.choices[0].message.content
+    # without max_tokens the reply may use the rest of the context; <end_of_turn> ends it as <eos> does
+    end = lm.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    closed = chat(client, max_tokens=None, logit_bias={str(end): 100})
+    assert closed.choices[0].finish_reason == "stop" and closed.choices[0].message.content == ""
+    assert closed.usage.completion_tokens == 1
+
+
+def test_chat_errors(api_server):
+    e = error_of(api_server, {"messages": []}, 400, path="/v1/chat/completions")
+    assert e["param"] == "messages"
+    e = error_of(api_server, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, path="/v1/chat/completions")
+    assert e["param"] == "messages" and "role" in e["message"]
+    e = error_of(api_server, {"messages": CHAT, "top_logprobs": 2}, 400, path="/v1/chat/completions")
+    assert e["param"] == "top_logprobs"
+    e = error_of(api_server, {"messages": CHAT, "profile": "nope"}, 400, path="/v1/chat/completions")
+    assert e["param"] == "profile"
+    e = error_of(api_server, {"messages": [{"role": "user", "content": "word " * 600}]}, 400,
+                 path="/v1/chat/completions")
+    assert e["code"] == "context_length_exceeded"
+
+
 def test_models_and_profiles_listing(client, api_server):
     ids = {m.id for m in client.models.list().data}
     assert {"gemma-3-270m", "gemma-3-270m:baseline", "t_clamp", "prompted"} <= ids

@@ -17,7 +17,7 @@ from clients.http import AsyncClient
 from server.live import ServerProcess
 from tests.helpers import metric
 
-LAB, PUBLIC = "sk-lab-test-0001", "sk-public-test-0002"
+LAB, PUBLIC, OPS = "sk-lab-test-0001", "sk-public-test-0002", "sk-ops-test-0003"
 BATCH, QUEUE, MAX_CHOICES, MAX_BODY = 4, 4, 6, 65536
 PROFILES = ["baseline", "hp_unlearn", "sae_only", "prompted"]
 
@@ -30,6 +30,7 @@ def limited(tmp_path_factory):
         {"name": "lab", "key": LAB, "profiles": ["*"]},
         {"name": "public", "sha256": hashlib.sha256(PUBLIC.encode()).hexdigest(), "profiles": ["hp_unlearn"],
          "default_profile": "hp_unlearn"},
+        {"name": "ops", "key": OPS, "profiles": ["*"], "admin": True},
     ]}))
     args = ["--keys", str(keys), "--max-batch-size", str(BATCH), "--max-queue", str(QUEUE), "--max-choices",
             str(MAX_CHOICES), "--max-body-bytes", str(MAX_BODY), "--max-model-len", "128"]
@@ -72,6 +73,25 @@ def test_a_key_uses_only_its_profiles_also_through_model_names(limited):
     assert "sae_only" not in error_of(post(limited, greedy("Hi", "nope"), key=PUBLIC), 400)["message"]
     r = post(limited, greedy("Harry Potter studies at", "baseline"), key=LAB)
     assert r.status_code == 200 and r.json()["profile"] == "baseline"
+
+
+def test_only_admin_keys_change_profiles(limited):
+    spec = {"name": "rt_x", "interventions": []}
+    for key in (LAB, PUBLIC):
+        r = httpx.post(limited.url + "/v1/profiles", json=spec, headers={"Authorization": f"Bearer {key}"})
+        assert error_of(r, 403)["code"] == "admin_only"
+        r = httpx.delete(limited.url + "/v1/profiles/hp_unlearn", headers={"Authorization": f"Bearer {key}"})
+        assert error_of(r, 403)["code"] == "admin_only"
+    assert error_of(httpx.post(limited.url + "/v1/profiles", json=spec), 401)["code"] == "missing_api_key"
+    # inline profiles need `inline: true`
+    r = post(limited, {**greedy("Hi"), "profile": {"interventions": []}}, key=LAB)
+    assert error_of(r, 403)["code"] == "inline_not_allowed"
+    # the admin key passes; this server keeps no runtime profiles (no --profiles-dir)
+    r = httpx.post(limited.url + "/v1/profiles", json=spec, headers={"Authorization": f"Bearer {OPS}"})
+    assert error_of(r, 400)["code"] == "no_profiles_dir"
+    # a key's default profile cannot be deleted, whatever folder it came from
+    r = httpx.delete(limited.url + "/v1/profiles/hp_unlearn", headers={"Authorization": f"Bearer {OPS}"})
+    assert error_of(r, 409)["code"] in ("profile_in_use", "profile_read_only")
 
 
 def test_listings_show_only_what_the_key_may_use(limited):
@@ -226,13 +246,15 @@ def test_fuzz_from_the_openapi_schema_no_5xx_and_openai_shaped_4xx(limited):
     from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(limited.url + "/openapi.json")
-    headers = {"Authorization": f"Bearer {LAB}"}
     seen: dict[int, int] = {}
     runs = [("/v1/completions", "POST", GenerationMode.POSITIVE, 60), ("/v1/completions", "POST",
-            GenerationMode.NEGATIVE, 60), ("/v1/models", "GET", GenerationMode.POSITIVE, 5),
-            ("/v1/profiles", "GET", GenerationMode.POSITIVE, 5)]
+            GenerationMode.NEGATIVE, 60), ("/v1/chat/completions", "POST", GenerationMode.POSITIVE, 20),
+            ("/v1/chat/completions", "POST", GenerationMode.NEGATIVE, 30), ("/v1/models", "GET", GenerationMode.POSITIVE, 5),
+            ("/v1/profiles", "GET", GenerationMode.POSITIVE, 5), ("/v1/profiles", "POST", GenerationMode.POSITIVE, 20),
+            ("/v1/profiles/{name}", "DELETE", GenerationMode.POSITIVE, 10)]
     for path, method, mode, examples in runs:
         op = schema[path][method]
+        headers = {"Authorization": f"Bearer {OPS if 'profiles' in path and method != 'GET' else LAB}"}
 
         @hypothesis.settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                              suppress_health_check=list(hypothesis.HealthCheck))
