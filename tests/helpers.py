@@ -58,8 +58,8 @@ def save_sae(sae, path: Path, hookpoint: str = HOOKPOINT) -> Path:
 
 
 def write_profile(dir: Path, name: str, sae_dir: Path, hookpoint: str = HOOKPOINT, markup_guard: bool = False,
-                  **iv) -> Path:
-    spec = {"name": name, "description": f"test profile {name}", "model": "gemma-3-270m", "markup_guard": markup_guard,
+                  model: str = "gemma-3-270m", **iv) -> Path:
+    spec = {"name": name, "description": f"test profile {name}", "model": model, "markup_guard": markup_guard,
             "interventions": [{"hookpoint": hookpoint, "sae": str(sae_dir), **iv}]}
     path = dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))

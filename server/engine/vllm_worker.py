@@ -3,8 +3,8 @@
 vLLM loads `VLLMWorkerExtension` by its qualified name into the worker class; the engine calls
 `obliviate_install` through collective_rpc once the model is loaded. From then on every forward of
 the model runner is wrapped: the runner's batch (its requests in order, the token range of each,
-their sampling params' extra_args) becomes a HookContext handed to the hooks through the model's
-keyword arguments, and after the forward the `sequence` condition's state is kept per request.
+their sampling params' extra_args) becomes a HookContext that the hooks read for the length of that
+forward, and after the forward the `sequence` condition's state is kept per request.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import ExitStack
 import torch
 
 from ablation.guard import guard_logits
-from ablation.hooks import CONTEXT_KWARG, HookContext, ProfileTable
+from ablation.hooks import HookContext, ProfileTable
 from ablation.residual import residual_hooks
 from ablation.spec import ProfileSpec
 
@@ -32,6 +32,10 @@ class ForwardContexts:
         self.profile_of: dict[str, int] = {}  # request id -> profile index
         self.fired: dict[str, dict] = {}  # request id -> {stateful hook point: fired}, after its last forward
         self._last: list[str] | None = None  # the requests of the last forward, until the guard reads them
+        self.current: HookContext | None = None  # the context of the forward running now (the hooks read it)
+
+    def running(self) -> HookContext | None:
+        return self.current
 
     @property
     def stateful(self) -> list:
@@ -114,15 +118,23 @@ class VLLMWorkerExtension:
         table.check_model(config.num_hidden_layers, config.hidden_size)
         self._obliviate = table
         self._obliviate_hooks = ExitStack()
-        self._obliviate_hooks.enter_context(residual_hooks(model, table.layer_hooks(), paired=True))
         contexts = ForwardContexts(runner, table, weight.device)
+        self._obliviate_contexts = contexts
+        # vLLM's models do not all hand keyword arguments on to their layers (Llama does not): the hooks
+        # read the context of the running forward from `contexts`, set around that forward only
+        self._obliviate_hooks.enter_context(residual_hooks(model, table.layer_hooks(context=contexts.running),
+                                                           paired=True))
         forward = runner._model_forward
 
         def model_forward(*args, **kwargs):
             built = contexts.build(kwargs["positions"]) if table.by_hook else None
             if built is None:
                 return forward(*args, **kwargs)
-            out = forward(*args, **{CONTEXT_KWARG: built[0]}, **kwargs)
+            contexts.current = built[0]
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                contexts.current = None
             contexts.commit(*built)
             return out
 
@@ -154,8 +166,8 @@ class VLLMWorkerExtension:
             return f"{type(e).__name__}: {e}"
         index, new = len(table.installed), table.install(name, parsed, compiled)
         if new:
-            self._obliviate_hooks.enter_context(residual_hooks(self.model_runner.get_model(), table.layer_hooks(new),
-                                                               paired=True))
+            hooks = table.layer_hooks(new, context=self._obliviate_contexts.running)
+            self._obliviate_hooks.enter_context(residual_hooks(self.model_runner.get_model(), hooks, paired=True))
         self._obliviate_guarded = table.guarded()
         return index
 

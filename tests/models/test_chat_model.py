@@ -1,0 +1,82 @@
+"""The second embedded model, SmolLM2-135M-Instruct (Llama architecture, a chat assistant), through the
+same loading, hooks and servers as Gemma: chat with its own template on both engines, every edit mode
+greedy-equal between the engines, and mixed-profile rows equal to solo rows."""
+
+import concurrent.futures as cf
+
+import httpx
+import pytest
+
+from models.loading import CHAT_MODEL
+from server.live import LiveServer, ServerProcess
+from server.settings import Settings
+from tests.helpers import TEST_PROFILES, build_sae, save_sae, write_profile
+
+HOOKPOINT = "blocks.15.hook_resid_post"
+MODES = ["t_zero", "t_keep_error", "t_clamp", "t_sequence", "t_seq_active", "t_gen_zero"]
+QUESTIONS = ["Who wrote the Harry Potter books?", "What is the name of Harry Potter's school?",
+             "What is the capital of Italy?"]
+LOGPROB_ATOL = 2e-3  # as for Gemma (tests/server/test_vllm_engine.py)
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """A built-in server and a vLLM server for the chat model, with test profiles on a random SAE."""
+    d = tmp_path_factory.mktemp("smol")
+    sae = save_sae(build_sae("standard", 576, seed=1), d / "sae", hookpoint=HOOKPOINT)
+    pdir = d / "profiles"
+    pdir.mkdir()
+    for name in MODES:
+        write_profile(pdir, name, sae, hookpoint=HOOKPOINT, model=CHAT_MODEL, **TEST_PROFILES[name])
+    log = open(d / "vllm.log", "w")
+    settings = Settings(model=CHAT_MODEL, profiles=[pdir], max_model_len=512)
+    args = ["--engine", "vllm", "--model", CHAT_MODEL, "--profiles", str(pdir), "--max-model-len", "512"]
+    try:
+        with LiveServer(settings) as builtin, ServerProcess(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log=log) as vllm:
+            yield builtin, vllm
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}; the vLLM log ends:\n{open(log.name).read()[-3000:]}") from None
+    finally:
+        log.close()
+
+
+def chat(url: str, question: str, profile: str, **kw) -> dict:
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": 16, "temperature": 0,
+            "logprobs": True, "profile": profile, **kw}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_the_assistant_answers_with_its_own_template(smol):
+    builtin, _ = smol
+    answer = chat(builtin.url, QUESTIONS[0], "baseline", max_tokens=30)
+    assert "Rowling" in answer["message"]["content"]
+    info = httpx.get(builtin.url + "/tokenizer_info").json()
+    assert "<|im_start|>" in info["chat_template"]
+
+
+def test_every_edit_mode_is_greedy_equal_on_both_engines(smol):
+    builtin, vllm = smol
+    worst, changed = 0.0, set()
+    for profile in ["baseline", *MODES]:
+        for q in QUESTIONS:
+            ours, theirs = chat(builtin.url, q, profile), chat(vllm.url, q, profile)
+            tokens = lambda c: [t["token"] for t in c["logprobs"]["content"]]  # noqa: E731
+            assert tokens(theirs) == tokens(ours), (profile, q, ours["message"], theirs["message"])
+            for a, b in zip(ours["logprobs"]["content"], theirs["logprobs"]["content"]):
+                worst = max(worst, abs(a["logprob"] - b["logprob"]))
+            if profile != "baseline" and ours["message"] != chat(builtin.url, q, "baseline")["message"]:
+                changed.add(profile)
+    print(f"{CHAT_MODEL}: max|Δlogprob| builtin vs vllm = {worst:.1e}; modes that changed an answer: {sorted(changed)}")
+    assert worst < LOGPROB_ATOL and len(changed) >= 3  # the edits act on this architecture
+
+
+@pytest.mark.parametrize("engine", [0, 1])
+def test_mixed_profile_rows_equal_solo_rows(smol, engine):
+    url = smol[engine].url
+    jobs = [(q, p) for q in QUESTIONS for p in ("baseline", "t_clamp", "t_sequence")]
+    solo = [chat(url, q, p)["message"]["content"] for q, p in jobs]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        mixed = list(pool.map(lambda job: chat(url, *job)["message"]["content"], jobs))
+    assert mixed == solo
