@@ -65,7 +65,8 @@ class ProfileTable:
         for iv in spec.interventions:
             if iv.sae not in self.saes:
                 self.saes[iv.sae] = load_sae(iv.sae, device=str(self.device), dtype=self.dtype)
-            out.append((Hookpoint.parse(iv.hookpoint), self.saes[iv.sae], EditTensors.from_intervention(iv, self.device)))
+            edit = EditTensors.from_intervention(iv, self.device)
+            out.append((Hookpoint.parse(iv.hookpoint), self.saes[iv.sae], edit))
         if self.dims:
             self._check(spec.name, out)
         return out

@@ -97,7 +97,8 @@ class ProfileAdmin:
             if name not in self.runtime:
                 raise Conflict(f"profile {shown(name)} comes from a read-only profiles folder, not --profiles-dir: "
                                f"remove its file and restart to drop it", code="profile_read_only")
-            users = sorted(a.name for _, a in (self.keyring.entries if self.keyring else ()) if a.default_profile == name)
+            keys = self.keyring.entries if self.keyring else ()
+            users = sorted(a.name for _, a in keys if a.default_profile == name)
             if users:
                 raise Conflict(f"profile {shown(name)} is the default of keys {', '.join(users)}: change the keys "
                                f"file first", code="profile_in_use")

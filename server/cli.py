@@ -42,6 +42,13 @@ def add_serve(sub) -> None:
                    help="sequences that may wait beyond the running batch; more get 429 (default 128)")
     p.add_argument("--request-timeout", type=float, help="seconds a request may take in all (default 600)")
     p.add_argument("--drain-timeout", type=int, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    p.add_argument("--replicas", type=int, help="serve through Ray Serve with N replicas of the app and engine "
+                   "behind one endpoint (default: one process, no Ray)")
+    p.add_argument("--max-replicas", type=int, help="Ray Serve: autoscale between --replicas and this")
+    p.add_argument("--target-ongoing-requests", type=float, help="Ray Serve autoscaling: ongoing requests per "
+                   "replica to aim for (default 16)")
+    p.add_argument("--replica-cpus", type=float, help="Ray Serve: CPUs reserved per replica (default 1)")
+    p.add_argument("--replica-threads", type=int, help="Ray Serve: torch threads per replica")
     p.set_defaults(func=cmd_serve)
 
 
@@ -75,6 +82,10 @@ def check_serve(settings, api_key_flag: bool) -> None:
             or settings.max_queue < 0:
         raise CLIError("--max-body-bytes, --max-choices, --request-timeout and --drain-timeout must be > 0, "
                        "--max-queue ≥ 0")
+    if settings.replicas < 0 or (settings.max_replicas is not None and settings.max_replicas < max(settings.replicas, 1)):
+        raise CLIError("--replicas must be ≥ 0 and --max-replicas ≥ --replicas")
+    if settings.max_replicas and not settings.replicas:
+        raise CLIError("--max-replicas needs --replicas (the least number of replicas)")
     if settings.engine == "builtin" and (settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1):
         raise CLIError("--tensor-parallel-size and --data-parallel-size need --engine vllm")
     loopback = settings.host in ("127.0.0.1", "localhost", "::1")
@@ -98,6 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     check_serve(settings, args.api_key is not None)
+    if settings.replicas:
+        return serve_on_ray(settings)
     try:
         # fail fast, before serving: profiles and keys first, they need no model
         names = list(load_profiles(settings.profile_dirs(), settings.model))
@@ -111,4 +124,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # on SIGTERM: stop accepting, give in-flight requests drain_timeout s, cancel the rest, stop the engine
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.drain_timeout)
+    return 0
+
+
+def serve_on_ray(settings) -> int:
+    """`serve --replicas N`: the profiles and keys are checked here first; each replica loads the model."""
+    # deferred: Ray only for this way of serving
+    from ablation.spec import ProfileError, load_profiles
+    from server.keys import Keyring, KeysError
+    from server.ray_serve import run
+
+    try:
+        Keyring.build(settings.keys, settings.api_key, list(load_profiles(settings.profile_dirs(), settings.model)))
+    except (ProfileError, KeysError) as e:
+        raise CLIError(str(e)) from None
+    run(settings)
     return 0

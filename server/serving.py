@@ -187,7 +187,8 @@ class CompletionServing:
         top_k = req.top_k or 0
         check(top_k >= -1, "top_k", f"top_k must be 0 (disable), or at least 1, got {top_k}.")
         check(0.0 <= req.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {req.min_p}.")
-        check(req.min_tokens >= 0, "min_tokens", f"min_tokens must be greater than or equal to 0, got {req.min_tokens}.")
+        check(req.min_tokens >= 0, "min_tokens",
+              f"min_tokens must be greater than or equal to 0, got {req.min_tokens}.")
         check(req.min_tokens <= max_tokens, "min_tokens",
               f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {req.min_tokens}.")
         check(len(req.stop_list()) <= 4, "stop", "at most 4 stop sequences")

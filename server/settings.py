@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     request_timeout: float = 600.0  # seconds from arrival to the last token
     drain_timeout: int = 30  # seconds in-flight requests get to finish on SIGTERM
     log_level: str = "info"
+    # Ray Serve (server/ray_serve.py): replicas > 0 serves through Ray; autoscaled up to max_replicas
+    replicas: int = 0
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 16.0  # per replica, for autoscaling
+    replica_cpus: float = 1.0  # Ray's CPU reservation per replica
+    replica_threads: int | None = None  # torch threads per replica (default: torch's)
 
     def profile_dirs(self) -> list[Path]:
         """The directories profiles load from: --profiles, then --profiles-dir (made if missing; its

@@ -64,7 +64,8 @@ def processed(logits: torch.Tensor, params: list[SamplingParams], history: Seque
         sub = logits[rows].float()
         counts = _counts([history[i][1] for i in penalized], vocab, dev)  # [b, V] generated tokens
         seen = (_counts([history[i][0] for i in penalized], vocab, dev) > 0) | (counts > 0)
-        col = lambda name: torch.tensor([getattr(params[i], name) for i in penalized], device=dev)[:, None]  # noqa: E731
+        col = lambda name: torch.tensor(  # noqa: E731
+            [getattr(params[i], name) for i in penalized], device=dev)[:, None]
         rep = col("repetition_penalty")
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
         sub -= col("frequency_penalty") * counts + col("presence_penalty") * (counts > 0)

@@ -62,7 +62,8 @@ class VLLMEngine(Engine):
             disable_log_stats=False)
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.factory])
         payload = {n: s.model_dump() for n, s in self.specs.items()}
-        names = await self.llm.collective_rpc("obliviate_install", args=(payload, markup_token_ids(self.model.tokenizer)))
+        banned = markup_token_ids(self.model.tokenizer)
+        names = await self.llm.collective_rpc("obliviate_install", args=(payload, banned))
         self.served = set.intersection(*map(set, names))
         self._index = {n: i for i, n in enumerate(self.specs)}
         log.info("vLLM workers serve profiles %s", sorted(self.served))

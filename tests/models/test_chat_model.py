@@ -32,7 +32,8 @@ def smol(tmp_path_factory):
     settings = Settings(model=CHAT_MODEL, profiles=[pdir], max_model_len=512)
     args = ["--engine", "vllm", "--model", CHAT_MODEL, "--profiles", str(pdir), "--max-model-len", "512"]
     try:
-        with LiveServer(settings) as builtin, ServerProcess(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log=log) as vllm:
+        with LiveServer(settings) as builtin, \
+                ServerProcess(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log=log) as vllm:
             yield builtin, vllm
     except RuntimeError as e:
         raise RuntimeError(f"{e}; the vLLM log ends:\n{open(log.name).read()[-3000:]}") from None
@@ -68,7 +69,8 @@ def test_every_edit_mode_is_greedy_equal_on_both_engines(smol):
                 worst = max(worst, abs(a["logprob"] - b["logprob"]))
             if profile != "baseline" and ours["message"] != chat(builtin.url, q, "baseline")["message"]:
                 changed.add(profile)
-    print(f"{CHAT_MODEL}: max|Δlogprob| builtin vs vllm = {worst:.1e}; modes that changed an answer: {sorted(changed)}")
+    print(f"{CHAT_MODEL}: max|Δlogprob| builtin vs vllm = {worst:.1e}; modes that changed an answer: "
+          f"{sorted(changed)}")
     assert worst < LOGPROB_ATOL and len(changed) >= 3  # the edits act on this architecture
 
 

@@ -7,7 +7,6 @@ import json
 import time
 
 import httpx
-import pytest
 
 from ablation.spec import default_profiles_dir, load_profile
 from server.live import LiveServer
@@ -47,7 +46,8 @@ def test_added_profile_serves_like_its_file_then_goes(api_server, runtime_dir):
     assert r.status_code == 200 and r.json()["deleted"] is True
     assert not (runtime_dir(api_server) / "rt_hp.yaml").exists()
     e = greedy(url, "rt_hp").json()["error"]
-    assert e["code"] == "profile_not_found" and "rt_hp" not in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+    assert e["code"] == "profile_not_found"
+    assert "rt_hp" not in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
 
 
 def test_yaml_body_and_the_errors(api_server):

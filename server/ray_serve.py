@@ -1,0 +1,86 @@
+"""obliviate on Ray Serve: the same FastAPI app (routes, profiles, keys, limits, either engine) as the
+ingress of a Serve deployment, one app and one engine per replica behind Ray's HTTP proxy.
+
+    obliviate serve --replicas 2                      # one machine: starts Ray and Serve, blocks
+    serve run deploy/ray/serve.yaml                   # a Serve config (import path: server.ray_serve:build)
+    kubectl apply -f deploy/ray/rayservice.yaml       # KubeRay
+
+Each replica builds the app from the same settings (the same profile folders and keys file), limits
+its torch threads, and names itself in every response's `obliviate-replica` header. Ray Serve
+restarts a replica whose process dies; requests sent meanwhile go to the live ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from fastapi import FastAPI, Request
+from ray import serve
+from ray.serve.config import AutoscalingConfig
+
+from server.app import build_app
+from server.settings import Settings
+
+REPLICA_HEADER = "obliviate-replica"
+
+
+def replica_app(settings: Settings) -> FastAPI:
+    """The app one replica serves (built on the replica, where its model loads)."""
+    if settings.replica_threads:
+        torch.set_num_threads(settings.replica_threads)
+    app = build_app(settings)
+    name = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"
+    app.state.replica = name
+
+    @app.middleware("http")
+    async def _name_the_replica(request: Request, call_next):
+        response = await call_next(request)
+        response.headers[REPLICA_HEADER] = name
+        return response
+
+    return app
+
+
+def application(settings: Settings) -> serve.Application:
+    """The Serve application: fixed replicas (--replicas N), or autoscaled between --replicas and
+    --max-replicas on ongoing requests per replica."""
+    options = dict(
+        name="obliviate",
+        ray_actor_options={"num_cpus": settings.replica_cpus, **({"num_gpus": 1} if settings.device == "cuda" else {})},
+        # requests a replica takes before the proxy holds them back: its own admission answers 429 beyond
+        max_ongoing_requests=settings.max_batch_size + settings.max_queue + 1,
+        graceful_shutdown_timeout_s=settings.drain_timeout,
+        health_check_period_s=5, health_check_timeout_s=30)
+    if settings.max_replicas and settings.max_replicas > settings.replicas:
+        options["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=settings.replicas, max_replicas=settings.max_replicas,
+            target_ongoing_requests=settings.target_ongoing_requests)
+    else:
+        options["num_replicas"] = settings.replicas
+
+    @serve.deployment(**options)
+    @serve.ingress(lambda: replica_app(settings))
+    class Obliviate:
+        def check_health(self) -> None:
+            """Serve restarts a replica whose health check raises: here, once its engine has stopped."""
+            serving = getattr(self.app.state, "serving", None)  # self.app: the ASGI app (Serve's wrapper)
+            if serving is not None and not serving.engine.health():
+                raise RuntimeError(f"the {serving.engine.name} engine of this replica has stopped")
+
+    return Obliviate.bind()
+
+
+def build(args: dict) -> serve.Application:
+    """The builder a Serve config names (`import_path: server.ray_serve:build`): `args` are the
+    settings, as `obliviate serve` flags in snake case."""
+    return application(Settings(**args))
+
+
+def run(settings: Settings) -> None:
+    """`obliviate serve --replicas N`: a local Ray with Serve's proxy on --host/--port; blocks."""
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=True)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(application(settings), name="obliviate", route_prefix="/", blocking=True)
