@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -74,29 +73,6 @@ def settings_from(args: argparse.Namespace):
         raise CLIError(f"bad setting {where}: {msg}") from None
 
 
-def check_serve(settings, api_key_flag: bool) -> None:
-    """What can be told from the settings alone, before anything loads."""
-    if settings.max_batch_size < 1 or settings.max_model_len < 2:
-        raise CLIError("--max-batch-size must be ≥ 1 and --max-model-len ≥ 2")
-    if min(settings.max_body_bytes, settings.max_choices, settings.request_timeout, settings.drain_timeout) <= 0 \
-            or settings.max_queue < 0:
-        raise CLIError("--max-body-bytes, --max-choices, --request-timeout and --drain-timeout must be > 0, "
-                       "--max-queue ≥ 0")
-    if settings.replicas < 0 or (settings.max_replicas is not None and settings.max_replicas < max(settings.replicas, 1)):
-        raise CLIError("--replicas must be ≥ 0 and --max-replicas ≥ --replicas")
-    if settings.max_replicas and not settings.replicas:
-        raise CLIError("--max-replicas needs --replicas (the least number of replicas)")
-    if settings.engine == "builtin" and (settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1):
-        raise CLIError("--tensor-parallel-size and --data-parallel-size need --engine vllm")
-    loopback = settings.host in ("127.0.0.1", "localhost", "::1")
-    if not loopback and not (settings.keys or settings.api_key or settings.allow_unauthenticated):
-        raise CLIError(f"refusing to serve on {settings.host} without keys: every client could use every profile. "
-                       f"Give --keys FILE (or OBLIVIATE_API_KEY), or --allow-unauthenticated")
-    if api_key_flag:
-        logging.getLogger("obliviate").warning("--api-key is visible to every user of this machine in `ps`; "
-                                               "prefer OBLIVIATE_API_KEY or a --keys file with sha256 entries")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     # deferred: the command line answers --help and bad arguments before torch and the model stack load
     import uvicorn
@@ -106,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from models.loading import ModelLoadError, chat_template
     from server.app import build_app, load_model_for, profile_table
     from server.keys import Keyring, KeysError
+    from server.settings import check_serve
 
     settings = settings_from(args)
     check_serve(settings, args.api_key is not None)

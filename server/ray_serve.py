@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 
+import ray
 import torch
 from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 
 from server.app import build_app
-from server.settings import Settings
+from server.settings import Settings, check_serve
 
 REPLICA_HEADER = "obliviate-replica"
 
@@ -73,14 +74,14 @@ def application(settings: Settings) -> serve.Application:
 
 def build(args: dict) -> serve.Application:
     """The builder a Serve config names (`import_path: server.ray_serve:build`): `args` are the
-    settings, as `obliviate serve` flags in snake case."""
-    return application(Settings(**args))
+    settings, as `obliviate serve` flags in snake case, checked as that command checks them."""
+    settings = Settings(**args)
+    check_serve(settings, api_key_flag=False)
+    return application(settings)
 
 
 def run(settings: Settings) -> None:
     """`obliviate serve --replicas N`: a local Ray with Serve's proxy on --host/--port; blocks."""
-    import ray
-
     ray.init(include_dashboard=False, log_to_driver=True)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings), name="obliviate", route_prefix="/", blocking=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ablation.spec import default_profiles_dir
 from models.loading import DEFAULT_MODEL, default_cache_dir
+from server.errors import CLIError
 
 
 class Settings(BaseSettings):
@@ -52,3 +54,26 @@ class Settings(BaseSettings):
             return list(self.profiles)
         self.profiles_dir.mkdir(parents=True, exist_ok=True)
         return [*self.profiles, self.profiles_dir]
+
+
+def check_serve(settings: Settings, api_key_flag: bool) -> None:
+    """What can be told from the settings alone, before anything loads."""
+    if settings.max_batch_size < 1 or settings.max_model_len < 2:
+        raise CLIError("--max-batch-size must be ≥ 1 and --max-model-len ≥ 2")
+    if min(settings.max_body_bytes, settings.max_choices, settings.request_timeout, settings.drain_timeout) <= 0 \
+            or settings.max_queue < 0:
+        raise CLIError("--max-body-bytes, --max-choices, --request-timeout and --drain-timeout must be > 0, "
+                       "--max-queue ≥ 0")
+    if settings.replicas < 0 or (settings.max_replicas is not None and settings.max_replicas < max(settings.replicas, 1)):
+        raise CLIError("--replicas must be ≥ 0 and --max-replicas ≥ --replicas")
+    if settings.max_replicas and not settings.replicas:
+        raise CLIError("--max-replicas needs --replicas (the least number of replicas)")
+    if settings.engine == "builtin" and (settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1):
+        raise CLIError("--tensor-parallel-size and --data-parallel-size need --engine vllm")
+    loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not (settings.keys or settings.api_key or settings.allow_unauthenticated):
+        raise CLIError(f"refusing to serve on {settings.host} without keys: every client could use every profile. "
+                       f"Give --keys FILE (or OBLIVIATE_API_KEY), or --allow-unauthenticated")
+    if api_key_flag:
+        logging.getLogger("obliviate").warning("--api-key is visible to every user of this machine in `ps`; "
+                                               "prefer OBLIVIATE_API_KEY or a --keys file with sha256 entries")
