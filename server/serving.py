@@ -9,8 +9,8 @@ import asyncio
 import hashlib
 import math
 from collections import OrderedDict
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from pydantic import ValidationError
 

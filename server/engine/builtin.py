@@ -335,8 +335,9 @@ class BuiltinEngine(Engine):
 
     def _append(self, s: Sequence, info: TokenLogprob) -> ChoiceOutput:
         """Records one sampled token and says what the choice gained; a max_tokens of 0 takes none. An
-        end-of-sequence token (unless `ignore_eos`) or one of stop_token_ids ends the choice: it is counted and listed (with its
-        logprob, as vLLM does: lm-eval reads the last token as the generated one) but adds no text."""
+        end-of-sequence token (unless `ignore_eos`) or one of stop_token_ids ends the choice: it is counted
+        and listed (with its logprob, as vLLM does: lm-eval reads the last token as the generated one) but
+        adds no text."""
         if s.params.max_tokens == 0:
             s.finished = True
             out = ChoiceOutput(s.index, s.text.flush(), [], s.num_prompt_tokens, 0, "length", s.prompt_logprobs)

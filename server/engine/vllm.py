@@ -112,7 +112,6 @@ class VLLMEngine(Engine):
             raise EngineError("the engine is not running")
         if profile not in self.served:  # never the plain model for a profile the workers do not hold
             raise EngineError(f"profile {profile!r} is not installed in the vLLM workers")
-        self._users[profile] = self._users.get(profile, 0) + 1
         queue: asyncio.Queue = asyncio.Queue()
         jobs = choices(prompts, params, n)
         ids = [f"{request_id}-{i}" for i, _, _ in jobs]
@@ -121,8 +120,10 @@ class VLLMEngine(Engine):
         # where the edit's state at a cached prefix is not stored
         salt = f"{profile}#{self._index[profile]}"
         stateful = any(iv.stateful for iv in self.specs[profile].interventions)
-        tasks = [asyncio.create_task(self._choice(rid, i, p, q, profile, f"{salt}:{rid}" if stateful else salt, queue))
-                 for rid, (i, p, q) in zip(ids, jobs)]
+        salts = [f"{salt}:{rid}" if stateful else salt for rid in ids]
+        tasks = [asyncio.create_task(self._choice(rid, i, p, q, profile, s, queue))
+                 for rid, s, (i, p, q) in zip(ids, salts, jobs)]
+        self._users[profile] = self._users.get(profile, 0) + 1  # a removal waits for it
         try:
             async for out in drain(queue, len(tasks)):
                 yield out
