@@ -51,6 +51,7 @@ class ProfileTable:
         self.saes: dict[str, SAE] = {}  # one copy of each SAE, shared by the profiles that use it
         self.by_hook: dict[Hookpoint, list[HookEntry]] = {}
         self.dims: tuple[int, int] | None = None  # (layers, width) of the model, once checked
+        self.retired: set[int] = set()  # removed profiles whose entries may still be in use
         for name, spec in profiles.items():
             self.install(name, spec, self.compile(spec))
 
@@ -84,10 +85,13 @@ class ProfileTable:
     def remove(self, name: str) -> int:
         """New requests can no longer use `name`; -> its index (requests that have it keep it)."""
         del self.specs[name]
-        return self.index.pop(name)
+        index = self.index.pop(name)
+        self.retired.add(index)
+        return index
 
     def prune(self, in_use: set[int]) -> None:
         """Drops the entries (and SAEs) of removed profiles that no request in `in_use` still has."""
+        self.retired &= in_use
         keep = set(self.index.values()) | in_use
         for entries in self.by_hook.values():
             entries[:] = [e for e in entries if e.profile in keep]  # in place: the hooks hold these lists

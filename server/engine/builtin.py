@@ -52,7 +52,6 @@ class BuiltinEngine(Engine):
         self.guarded = table.guarded()
         self.banned = self._banned()
         self._controls: deque[Callable[[], None]] = deque()  # profile changes, run between steps
-        self._retired: set[int] = set()  # removed profiles whose entries may still be in use
         self._waiting: deque[Sequence] = deque()
         self._live: dict[str, list[Sequence]] = {}
         self._cv = threading.Condition()
@@ -118,7 +117,7 @@ class BuiltinEngine(Engine):
         await self._between_steps(install)
 
     async def remove_profile(self, name: str) -> None:
-        await self._between_steps(lambda: self._retired.add(self.table.remove(name)))
+        await self._between_steps(lambda: self.table.remove(name))
 
     async def _between_steps(self, change: Callable[[], None]) -> None:
         """Runs `change` on the engine thread between two steps (at once if the loop is idle)."""
@@ -187,7 +186,7 @@ class BuiltinEngine(Engine):
                     new = self._admit()
                 for change in controls:
                     change()
-                if self._retired:
+                if self.table.retired:
                     self._prune()
                 self.step(new)
         except BaseException as e:  # a fault outside any one row: nothing more can be served
@@ -203,7 +202,6 @@ class BuiltinEngine(Engine):
         with self._cv:
             in_use = {s.profile for s in self._waiting} | {s.profile for s in self.batch.seqs}
         self.table.prune(in_use)
-        self._retired &= in_use
 
     def _admit(self) -> list[Sequence]:
         """Waiting sequences that fit: free rows, and a prefill of at most max_prefill_tokens (or one prompt)."""

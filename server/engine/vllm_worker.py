@@ -96,7 +96,7 @@ class ForwardContexts:
         for d in (self.fired, self.profile_of):
             for r in [r for r in d if r not in live]:
                 del d[r]
-        if len(self.table.index) < len(self.table.installed):  # some profile was removed
+        if self.table.retired:  # removed profiles that requests may still have
             self.table.prune(set(self.profile_of.values()))
 
 
