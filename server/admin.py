@@ -94,14 +94,14 @@ class ProfileAdmin:
         async with self._lock:
             if name not in self.serving.specs:
                 raise NotFound(f"unknown profile {shown(name)}", param="name", code="profile_not_found")
-            if name not in self.runtime:
-                raise Conflict(f"profile {shown(name)} comes from a read-only profiles folder, not --profiles-dir: "
-                               f"remove its file and restart to drop it", code="profile_read_only")
             keys = self.keyring.entries if self.keyring else ()
             users = sorted(a.name for _, a in keys if a.default_profile == name)
             if users:
                 raise Conflict(f"profile {shown(name)} is the default of keys {', '.join(users)}: change the keys "
                                f"file first", code="profile_in_use")
+            if name not in self.runtime:
+                raise Conflict(f"profile {shown(name)} comes from a read-only profiles folder, not --profiles-dir: "
+                               f"remove its file and restart to drop it", code="profile_read_only")
             await self.serving.engine.remove_profile(name)
             self.serving.profile_removed(name)
             self.runtime.discard(name)
