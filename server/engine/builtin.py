@@ -316,8 +316,11 @@ class BuiltinEngine(Engine):
             if guarded.any():
                 on = torch.stack([f[b.to(f.device)] for f in self.batch.fired.values()]).any(0).cpu()
                 guard_logits(logits, guarded & on, self.banned)
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                        [(s.prompt.input_ids, s.output_ids) for s in seqs], self.eos_ids)
+        params = [s.params for s in seqs]
+        # penalties and min_tokens read what each row has seen; rows without them build nothing
+        history = [(s.prompt.input_ids, s.output_ids) for s in seqs] \
+            if any(p.penalized or p.min_tokens for p in params) else ()
+        tokens = sample(logits, params, [s.generator for s in seqs], history, self.eos_ids)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         infos: list[TokenLogprob | None] = [None] * len(seqs)
         if want:
