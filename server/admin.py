@@ -9,11 +9,9 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
-
 from ablation.sae_io import SAELoadError
-from ablation.spec import ProfileError, ProfileSpec, load_profiles, model_matches, resolve_sae_paths
-from protocol.openai import ProfileCard, first_error
+from ablation.spec import ProfileError, ProfileSpec, load_profiles, resolve_sae_paths
+from protocol.openai import ProfileCard
 from server.errors import Conflict, Forbidden, InvalidRequest, NotFound, shown
 from server.keys import Access, Keyring
 from server.serving import CompletionServing
@@ -53,15 +51,7 @@ class ProfileAdmin:
         if not isinstance(data, dict):
             raise InvalidRequest("the body must be a profile spec: a JSON object or YAML mapping with name, "
                                  "interventions, …")
-        try:
-            spec = ProfileSpec.model_validate(data)
-        except ValidationError as e:
-            where, msg = first_error(e, "profile")
-            raise InvalidRequest(f"{where}: {msg}", param=where.split(".")[0]) from None
-        served = self.serving.model.name
-        if spec.model is not None and not model_matches(spec.model, served):
-            raise InvalidRequest(f"profile {shown(spec.name)} is for model {shown(spec.model)}, this server serves "
-                                 f"{served!r}", param="model")
+        spec = self.serving.spec_from(data)
         try:
             return resolve_sae_paths(spec, (self.dir or Path.cwd()) / f"{spec.name}.yaml")
         except ProfileError as e:

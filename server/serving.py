@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ablation.spec import ProfileSpec
+from ablation.spec import ProfileSpec, model_matches
 from models.loading import ModelInfo, chat_template
 from protocol.openai import (ChatCompletionRequest, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ModelCard, ModelList, ProfileCard, ProfileList, SamplingFields, TokenizeRequest,
@@ -149,14 +149,24 @@ class CompletionServing:
                     await self.engine.remove_profile(old)
         return key, INLINE
 
+    def spec_from(self, data: dict, param: str | None = None) -> ProfileSpec:
+        """A profile spec sent in a request, validated as a profile file is and against the served model.
+        param: where the request carried it (an inline `profile`); None: a whole body (the spec's field)."""
+        try:
+            spec = ProfileSpec.model_validate(data)
+        except ValidationError as e:
+            where, msg = first_error(e, "profile")
+            raise InvalidRequest(f"{param + ': ' if param else ''}{where}: {msg}",
+                                 param=param or where.split(".")[0]) from None
+        if spec.model is not None and not model_matches(spec.model, self.model.name):
+            raise InvalidRequest(f"profile {shown(spec.name)} is for model {shown(spec.model)}, this server serves "
+                                 f"{self.model.name!r}", param=param or "model")
+        return spec
+
     def _inline_spec(self, data: dict) -> ProfileSpec:
         """An inline profile spec, checked as a profile file is; its SAEs must be ones served profiles use
         (by their reference, or by the SAE folder's name)."""
-        try:
-            spec = ProfileSpec.model_validate({"name": INLINE, **data})
-        except ValidationError as e:
-            where, msg = first_error(e, "profile")
-            raise InvalidRequest(f"inline profile: {where}: {msg}", param="profile") from None
+        spec = self.spec_from({"name": INLINE, **data}, param="profile")
         known = {iv.sae: iv.sae for s in self.specs.values() for iv in s.interventions}
         known |= {Path(ref).name: ref for ref in list(known) if Path(ref).is_absolute()}
         fixed = []

@@ -165,3 +165,5 @@ def test_an_inline_profile_serves_like_the_named_one(api_server):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_sae", bad.text
     bad = greedy(url, {**spec, "markup_guard": "maybe"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "profile", bad.text
+    bad = greedy(url, {**spec, "model": "gemma-2b"})  # checked as a POSTed spec is: for the served model
+    assert bad.status_code == 400 and "gemma-2b" in bad.json()["error"]["message"], bad.text
