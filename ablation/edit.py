@@ -4,6 +4,8 @@ reconstruct  (keep_error=False): x' = decode(a')           the seed's method; `s
 keep_error   (keep_error=True):  x' = x + decode(a') - decode(a)  only the edited features move x
 where a = encode(x) and a' is a with the chosen features set to their values where `condition` holds
 (`sequence_active`: from the sequence's first firing on, only where each feature is above 0).
+Both also say where the edit *fired* (the trigger audit): where an edited feature is above its
+threshold at a token that may be edited (every such token for `always` and for sae_only).
 
 Activations come as [B, S, d] rows (each row one sequence) or as flat tokens [N, d] with `seq`
 saying which sequence each token belongs to (a sequence's tokens contiguous and in order), the
@@ -88,23 +90,24 @@ def edit_columns(
     fired: torch.Tensor | None = None,
     seq: torch.Tensor | None = None,
     prompt: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """acts: [..., d_sae]; valid: [...] bool (False at padding and BOS); fired: [R] bool, whether an
     edited feature fired earlier in each sequence (condition "sequence", carried across decode
     steps); seq: see token_sequences; prompt: [...] bool, True at prompt tokens (None: all are).
-    Returns the edited features' old and new activations ([..., k] each) and the updated `fired`."""
+    Returns the edited features' old and new activations ([..., k] each), the updated `fired` and
+    where the edit fired ([...] bool)."""
     sel = acts[..., edit.features]  # [..., k]
     target = edit.values.to(acts.dtype).expand_as(sel)
     if edit.generated == "zero" and prompt is not None:  # generated tokens: set to 0, not to the values
         target = torch.where(prompt[..., None], target, torch.zeros_like(target))
     active = sel > (0 if edit.thresholds is None else edit.thresholds.to(acts.dtype))
     if edit.condition == "always":
-        return sel, target, fired
-    if edit.condition == "token":
-        return sel, torch.where(active, target, sel), fired
+        return sel, target, fired, everywhere(acts, valid)
     hit = active.any(-1)  # [...]
     if valid is not None:
         hit = hit & valid
+    if edit.condition == "token":
+        return sel, torch.where(active, target, sel), fired, hit
     seq = token_sequences(acts.shape, seq, acts.device)
     if fired is None:
         fired = torch.zeros(int(seq.max()) + 1, dtype=torch.bool, device=acts.device)
@@ -112,7 +115,12 @@ def edit_columns(
     where = on.reshape(hit.shape)[..., None]
     if edit.condition == "sequence_active":  # from the first firing on, only where the feature is active
         where = where & (sel > 0)
-    return sel, torch.where(where, target, sel), fired
+    return sel, torch.where(where, target, sel), fired, hit
+
+
+def everywhere(acts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """[...] bool: every token that may be edited (an edit without a condition fires at each)."""
+    return valid if valid is not None else torch.ones(acts.shape[:-1], dtype=torch.bool, device=acts.device)
 
 
 def decoder_rows(sae: SAE, features: torch.Tensor) -> torch.Tensor:
@@ -132,17 +140,17 @@ def apply_edits(
     fired: torch.Tensor | None = None,
     seq: torch.Tensor | None = None,
     prompt: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """x: [..., d_model] residual ([B, S, d] rows or [N, d] tokens) -> (edited residual in x's
-    dtype, updated `fired`). valid: [...] positions that may be edited and may count as firing
+    dtype, updated `fired`, where the edit fired: [...] bool). valid: [...] positions that may be edited and may count as firing
     (False at padding, BOS); prompt: [...] True at prompt tokens (None: every token is one)."""
     if edit.is_noop:
-        return x, fired
+        return x, fired, torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
     acts = encode(sae, x)
     if edit.features.numel() == 0:  # sae_only
-        out = sae.decode(acts).to(x.dtype)
+        out, hit = sae.decode(acts).to(x.dtype), everywhere(acts, valid)
     else:
-        old, new, fired = edit_columns(acts, edit, valid, fired, seq, prompt)
+        old, new, fired, hit = edit_columns(acts, edit, valid, fired, seq, prompt)
         if edit.keep_error:  # x + sum_f (a'_f - a_f) W_dec[f]
             out = x + ((new - old) @ decoder_rows(sae, edit.features)).to(x.dtype)
         else:
@@ -151,4 +159,4 @@ def apply_edits(
     keep = valid
     if edit.generated == "off" and prompt is not None:  # generated tokens keep their residual
         keep = prompt if keep is None else keep & prompt
-    return (out if keep is None else torch.where(keep[..., None], out, x)), fired
+    return (out if keep is None else torch.where(keep[..., None], out, x)), fired, hit

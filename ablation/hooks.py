@@ -5,7 +5,8 @@ function: installed once per intervened hook point, it applies each token's own 
 the SAE only on the tokens that need it. What it needs to know about a forward (which tokens carry
 which profile, where sequences start, the `sequence` condition's state) arrives in a `HookContext`
 that the engine builds for that forward and hands to the model as the keyword argument
-CONTEXT_KWARG; the hook leaves the updated state in it.
+CONTEXT_KWARG; the hook leaves the updated state in it, and the trigger audit: the first position in
+each sequence at which a profile's edit fired in this forward.
 """
 
 from __future__ import annotations
@@ -140,15 +141,19 @@ class ProfileTable:
         return {hp: (lambda x, _kwargs, h=h: h(x, context())) for hp, h in hooks.items()}
 
 
+NOT_FIRED = torch.iinfo(torch.long).max  # in HookContext.trigger: no edit fired in the sequence
+
+
 @dataclass
 class HookContext:
     """One forward's tokens, flattened to [N] in the order of the activations the hooks see."""
 
     rows_for: dict[int, torch.Tensor]  # profile index -> indices [n] of its tokens
     seq: torch.Tensor  # [N] long: the sequence each token belongs to (contiguous, in order)
-    first: torch.Tensor  # [N] bool: position 0 (BOS)
+    positions: torch.Tensor  # [N] long: each token's position in its sequence (0: BOS)
     fired: dict[Hookpoint, torch.Tensor]  # [R] bool per hook point: fired earlier in the sequence; updated
     prompt: torch.Tensor | None = None  # [N] bool: a prompt token (False: one the model generated); None: all
+    trigger: torch.Tensor | None = None  # [R] long: the first position where an edit fired in this forward
 
     @classmethod
     def build(cls, profiles: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
@@ -157,8 +162,24 @@ class HookContext:
         """profiles, seq, positions, prompt: [N] per token (any device) -> the context on `device`."""
         profiles = profiles.cpu()
         rows_for = {p: (profiles == p).nonzero().squeeze(-1).to(device) for p in profiles.unique().tolist()}
-        return cls(rows_for, seq.to(device), positions.to(device) == 0, fired,
-                   None if prompt is None else prompt.to(device))
+        seq = seq.to(device)
+        trigger = torch.full((int(seq.max()) + 1 if seq.numel() else 0,), NOT_FIRED, dtype=torch.long, device=device)
+        return cls(rows_for, seq, positions.to(device).long(), fired, None if prompt is None else prompt.to(device),
+                   trigger)
+
+    @property
+    def first(self) -> torch.Tensor:
+        """[N] bool: position 0 (BOS)."""
+        return self.positions == 0
+
+    def note_fired(self, idx: torch.Tensor, hit: torch.Tensor) -> None:
+        """Tokens `idx` where an edit fired (hit: [n] bool) -> the earliest such position per sequence."""
+        at = torch.where(hit.reshape(-1), self.positions[idx], NOT_FIRED)
+        self.trigger.scatter_reduce_(0, self.seq[idx], at, "amin")
+
+    def triggers(self, n: int) -> list[int | None]:
+        """The first n sequences' first firing positions in this forward (None: none fired)."""
+        return [None if t == NOT_FIRED else t for t in self.trigger[:n].tolist()]
 
 
 class ResidualHook:
@@ -178,10 +199,11 @@ class ResidualHook:
                 continue
             valid = ~ctx.first[idx] if e.edit.skip_bos else None
             prompt = None if ctx.prompt is None else ctx.prompt[idx]
-            y, fired = apply_edits(flat[idx], e.sae, e.edit, valid, ctx.fired.get(self.hookpoint), ctx.seq[idx],
-                                   prompt)
+            y, fired, hit = apply_edits(flat[idx], e.sae, e.edit, valid, ctx.fired.get(self.hookpoint), ctx.seq[idx],
+                                        prompt)
             if fired is not None:
                 ctx.fired[self.hookpoint] = fired
+            ctx.note_fired(idx, hit)
             out = flat.clone() if out is None else out
             out[idx] = y
         return x if out is None else out.view_as(x)

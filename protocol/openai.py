@@ -120,11 +120,23 @@ class Logprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] | None = None
 
 
+class Unlearning(BaseModel):
+    """The trigger audit (an extension, on each choice of a profile that edits the model; streamed with the
+    choice's finish_reason): whether the profile's edit fired, and at which token. first_token indexes the
+    prompt's tokens as the model read them (the BOS the server adds is 0; usage.prompt_tokens counts them),
+    then the generated ones; token is its text."""
+
+    triggered: bool
+    first_token: int | None = None
+    token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Logprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    unlearning: Unlearning | None = None
 
 
 class Usage(BaseModel):
@@ -199,6 +211,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    unlearning: Unlearning | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -222,6 +235,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    unlearning: Unlearning | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -19,10 +19,11 @@ from server.metrics import Metrics
 class EngineCall:
     def __init__(self, engine: Engine, admission: Admission, metrics: Metrics, timeout: float, profile: str,
                  params: SamplingParams, prompts: list[Prompt], n: int, key: str, prefix: str = "cmpl",
-                 label: str | None = None):
+                 label: str | None = None, audited: bool = False):
         self.engine, self.admission, self.metrics, self.timeout = engine, admission, metrics, timeout
         self.profile, self.params, self.prompts, self.n, self.key = profile, params, prompts, n, key
         self.label = label or profile  # the profile's name in responses and metrics ("inline" for inline ones)
+        self.audited = audited  # the profile edits the model: each choice says whether the edit fired
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.t0 = time.perf_counter()
         self.deadline = asyncio.get_running_loop().time() + timeout
@@ -60,6 +61,10 @@ class EngineCall:
                     self.first_token_at = time.perf_counter()
                     self.metrics.ttft.labels(self.label).observe(self.first_token_at - self.t0)
                 self.generated[out.index] = out.num_generated_tokens
+                if out.finish_reason and self.audited:
+                    self.metrics.audited.labels(self.label).inc()
+                    if out.trigger is not None:
+                        self.metrics.triggered.labels(self.label).inc()
                 yield out
         except EngineError as e:
             raise EngineFailure(str(e)) from None

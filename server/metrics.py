@@ -30,6 +30,10 @@ class Metrics:
                                    "the first, per request", ["profile"], buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("obliviate_e2e_request_latency_seconds", "End-to-end request latency",
                              ["profile"], buckets=LATENCY_BUCKETS, registry=r)
+        self.audited = Counter("obliviate_choices_audited", "Finished choices of profiles that edit the model "
+                               "(the trigger audit's denominator)", ["profile"], registry=r)
+        self.triggered = Counter("obliviate_choices_triggered", "Finished choices in which the profile's edit "
+                                 "fired (the unlearning switched on)", ["profile"], registry=r)
         self.running = Gauge("obliviate_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("obliviate_requests_waiting", "Sequences waiting to join the batch (the queue depth)",
                              registry=r)

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from protocol.openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
     ChatDelta, ChatLogprob, ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionRequest, CompletionResponse,
-    ErrorInfo, ErrorResponse, Logprobs, Usage)
+    ErrorInfo, ErrorResponse, Logprobs, Unlearning, Usage)
 from server.engine.base import ChoiceOutput, TokenLogprob
 from server.errors import ObliviateError
 from server.inflight import EngineCall
@@ -23,6 +23,7 @@ class _Choice:
     tokens: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    trigger: int | None = None
 
 
 class Responder:
@@ -32,6 +33,21 @@ class Responder:
     def __init__(self, call: EngineCall, req, tok, model_name: str):
         self.call, self.req, self.tok = call, req, tok
         self.model_name = req.model or model_name
+        self.output_ids = [[] for _ in range(call.choices)] if call.audited else None  # what the audit may name
+
+    def track(self, out: ChoiceOutput) -> None:
+        if self.output_ids is not None:
+            self.output_ids[out.index] += [t.token_id for t in out.tokens]
+
+    def unlearning(self, index: int, trigger: int | None) -> Unlearning | None:
+        """The trigger audit of a finished choice (None for a profile that does not edit the model)."""
+        if not self.call.audited:
+            return None
+        if trigger is None:
+            return Unlearning(triggered=False)
+        ids = self.call.prompts[index // self.call.n].input_ids + self.output_ids[index]
+        return Unlearning(triggered=True, first_token=trigger,
+                          token=self.tok.decode([ids[trigger]]) if trigger < len(ids) else None)
 
     @property
     def include_usage(self) -> bool:
@@ -42,11 +58,13 @@ class Responder:
         with self.call.admitted():
             try:
                 async for out in self.call.outputs():
+                    self.track(out)
                     c = got[out.index]
                     c.text += out.text
                     c.tokens += out.tokens
                     c.prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else c.prompt_logprobs
                     c.finish_reason = out.finish_reason or c.finish_reason
+                    c.trigger = out.trigger if out.trigger is not None else c.trigger
             except (ObliviateError, asyncio.CancelledError) as e:
                 self.call.ended_by(e)
                 raise
@@ -62,6 +80,7 @@ class Responder:
                     sent = True
                     yield c
                 async for out in self.call.outputs():
+                    self.track(out)
                     for c in self.chunks(out):
                         sent = True
                         yield c
@@ -118,7 +137,8 @@ class CompletionResponder(Responder):
             echo = self._prompt_text(i) if self.req.echo else ""
             infos = self._echoed(i, c.prompt_logprobs) + c.tokens if self.req.echo else c.tokens
             lp = self.logprobs(infos, 0) if self.req.logprobs is not None else None
-            choices.append(CompletionChoice(index=i, text=echo + c.text, logprobs=lp, finish_reason=c.finish_reason))
+            choices.append(CompletionChoice(index=i, text=echo + c.text, logprobs=lp, finish_reason=c.finish_reason,
+                                            unlearning=self.unlearning(i, c.trigger)))
         return CompletionResponse(id=self.call.id, model=self.model_name, choices=choices, usage=usage,
                                   profile=self.call.label)
 
@@ -152,7 +172,8 @@ class CompletionResponder(Responder):
             self.offsets[i] += len(out.text)
             got.append(self._chunk(index=i, text=out.text, logprobs=lp))
         if out.finish_reason:
-            got.append(self._chunk(index=i, text="", finish_reason=out.finish_reason))
+            got.append(self._chunk(index=i, text="", finish_reason=out.finish_reason,
+                                   unlearning=self.unlearning(i, out.trigger)))
         return got
 
     def usage_chunk(self, usage: Usage) -> str:
@@ -178,7 +199,8 @@ class ChatResponder(Responder):
 
     def response(self, got: list[_Choice], usage: Usage) -> ChatCompletionResponse:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text), logprobs=self.logprobs(c.tokens),
-                              finish_reason=c.finish_reason) for i, c in enumerate(got)]
+                              finish_reason=c.finish_reason, unlearning=self.unlearning(i, c.trigger))
+                   for i, c in enumerate(got)]
         return ChatCompletionResponse(id=self.call.id, model=self.model_name, choices=choices, usage=usage,
                                       profile=self.call.label)
 
@@ -197,8 +219,8 @@ class ChatResponder(Responder):
             got.append(self._chunk([ChatChunkChoice(index=out.index, delta=ChatDelta(content=out.text),
                                                     logprobs=self.logprobs(out.tokens))]))
         if out.finish_reason:
-            got.append(self._chunk([ChatChunkChoice(index=out.index, delta=ChatDelta(),
-                                                    finish_reason=out.finish_reason)]))
+            got.append(self._chunk([ChatChunkChoice(index=out.index, delta=ChatDelta(), finish_reason=out.finish_reason,
+                                                    unlearning=self.unlearning(out.index, out.trigger))]))
         return got
 
     def usage_chunk(self, usage: Usage) -> str:

@@ -263,6 +263,11 @@ class CompletionServing:
         if not self.engine.health():
             raise Unavailable(f"the {self.engine.name} engine is not running (see the server log)")
 
+    def edits(self, profile: str) -> bool:
+        """Whether the engine's profile edits the model (its choices carry the trigger audit)."""
+        spec = self._inline.get(profile) or self.specs.get(profile)
+        return bool(spec and spec.interventions)
+
     async def create(self, req: CompletionRequest, access: Access = OPEN) -> CompletionResponse | AsyncIterator[str]:
         self._check_health()
         profile, label = await self.engine_profile(req, access)
@@ -270,7 +275,7 @@ class CompletionServing:
         self.check_fan_out(len(req.prompts()), req.n)
         prompts = await asyncio.to_thread(self.build, req.prompts(), req.max_tokens, profile)  # off the event loop
         call = EngineCall(self.engine, self.admission, self.metrics, self.request_timeout, profile, params, prompts,
-                          req.n, access.name, label=label)
+                          req.n, access.name, label=label, audited=self.edits(profile))
         return await _respond(CompletionResponder(call, req, self.tok, self.model.name), req.stream)
 
     # ---- chat: messages rendered with the chat template, then served as a completion ----------
@@ -305,7 +310,7 @@ class CompletionServing:
         self.check_fan_out(1, req.n)
         prompt, params = await asyncio.to_thread(self._chat_prompt, req, profile)  # rendering, tokenizing
         call = EngineCall(self.engine, self.admission, self.metrics, self.request_timeout, profile, params, [prompt],
-                          req.n, access.name, prefix="chatcmpl", label=label)
+                          req.n, access.name, prefix="chatcmpl", label=label, audited=self.edits(profile))
         return await _respond(ChatResponder(call, req, self.tok, self.model.name), req.stream)
 
 

@@ -80,6 +80,9 @@ class ChoiceOutput:
     num_generated_tokens: int  # so far
     finish_reason: str | None = None  # "stop" | "length" once finished
     prompt_logprobs: list[TokenLogprob] | None = None  # the user's prompt tokens, on the first output
+    # the trigger audit: the first position (in Prompt.input_ids, then the generated tokens) at which the
+    # profile's edit fired, once known (None: not so far); the finishing output has the final word
+    trigger: int | None = None
 
 
 @dataclass(frozen=True)

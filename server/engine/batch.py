@@ -36,6 +36,11 @@ class Sequence:
     finished: bool = False
     aborted: bool = False  # set by abort() from another thread; read at step boundaries
     prompt_logprobs: list[TokenLogprob] | None = None  # computed by the prefill, sent with the first output
+    trigger: int | None = None  # the first position where the profile's edit fired (the trigger audit)
+
+    def fired_at(self, position: int | None) -> None:
+        if self.trigger is None:
+            self.trigger = position
 
     @property
     def num_prompt_tokens(self) -> int:

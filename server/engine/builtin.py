@@ -270,7 +270,8 @@ class BuiltinEngine(Engine):
         hidden = self.forward(torch.tensor(sum(ids, []))[None], pos[None],
                               KVStep.prefill(self.batch.cache, rows, lengths.tolist()), ctx)[0]  # [T, d]
         ends = lengths.cumsum(0)
-        for i, (r, s) in enumerate(zip(rows, seqs)):
+        for i, (r, s, at) in enumerate(zip(rows, seqs, ctx.triggers(len(rows)))):
+            s.fired_at(at)
             self.batch.pos[r] = lengths[i]
             for hp, f in ctx.fired.items():
                 self.batch.fired[hp][r] = f[i]
@@ -291,6 +292,8 @@ class BuiltinEngine(Engine):
         hidden = self.forward(self.batch.last[b][:, None], pos[:, None], kv, ctx)  # [b, 1, d]
         for hp, f in ctx.fired.items():
             self.batch.fired[hp][b.to(f.device)] = f
+        for r, at in zip(rows, ctx.triggers(len(rows))):
+            self.batch.seqs[r].fired_at(at)
         self.batch.pos[b] += 1
         self._emit(rows, self.logits(hidden[:, -1]))
 
@@ -341,7 +344,8 @@ class BuiltinEngine(Engine):
         adds no text."""
         if s.params.max_tokens == 0:
             s.finished = True
-            out = ChoiceOutput(s.index, s.text.flush(), [], s.num_prompt_tokens, 0, "length", s.prompt_logprobs)
+            out = ChoiceOutput(s.index, s.text.flush(), [], s.num_prompt_tokens, 0, "length", s.prompt_logprobs,
+                               s.trigger)
             s.prompt_logprobs = None
             return out
         stops = info.token_id in s.params.stop_token_ids
@@ -356,7 +360,8 @@ class BuiltinEngine(Engine):
         if reason:
             delta += s.text.flush()
             s.finished = True
-        out = ChoiceOutput(s.index, delta, [info], s.num_prompt_tokens, s.generated, reason, s.prompt_logprobs)
+        out = ChoiceOutput(s.index, delta, [info], s.num_prompt_tokens, s.generated, reason, s.prompt_logprobs,
+                           s.trigger)
         s.prompt_logprobs = None
         return out
 

@@ -26,7 +26,7 @@ from ablation.spec import ProfileSpec
 from models.loading import ModelInfo
 from server.engine.base import (ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob,
     choices, drain)
-from server.engine.vllm_worker import PROFILE_KEY
+from server.engine.vllm_worker import AUDIT_KEY, PROFILE_KEY
 
 log = logging.getLogger("obliviate.vllm")
 
@@ -48,6 +48,8 @@ class VLLMEngine(Engine):
         self._index: dict[str, int] = {}  # profile -> its install index in the workers
         self._users: dict[str, int] = {}  # profile -> requests in flight with it
         self._removals: set[asyncio.Task] = set()
+        self._asked: dict[str, asyncio.Future] = {}  # vLLM request id -> its trigger audit, not yet read
+        self._reader: asyncio.Task | None = None
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))  # GiB, CPU backend only
@@ -90,6 +92,31 @@ class VLLMEngine(Engine):
         while self._users.get(name):
             await asyncio.sleep(0.05)
         await self.llm.collective_rpc("obliviate_remove", args=(name, index))
+
+    async def _trigger(self, rid: str) -> int | None:
+        """The first position where a finished request's edit fired (None: never), from the workers. Requests
+        finishing together share one call: while one is out, the next ones wait for the following."""
+        fut = asyncio.get_running_loop().create_future()
+        self._asked[rid] = fut
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_triggers())
+        return await fut
+
+    async def _read_triggers(self) -> None:
+        while self._asked:
+            asked, self._asked = self._asked, {}
+            try:
+                got = await self.llm.collective_rpc("obliviate_triggers", args=(list(asked),))
+            except Exception as e:
+                for f in asked.values():
+                    f.done() or f.set_exception(EngineError(f"the trigger audit failed: {e}"))
+                continue
+            first: dict[str, int] = {}
+            for worker in got:  # tensor parallel workers see the same requests; data parallel ones their own
+                for r, at in worker.items():
+                    first[r] = min(at, first.get(r, at))
+            for r, f in asked.items():
+                f.done() or f.set_result(first.get(r))
 
     async def shutdown(self) -> None:
         if self.llm is not None:
@@ -146,8 +173,9 @@ class VLLMEngine(Engine):
             stop_token_ids=list(params.stop_token_ids) or None,
             seed=params.seed, stop=list(params.stop) or None, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
             prompt_logprobs=(params.logprobs or 0) if params.prompt_logprobs else None,
-            output_kind=RequestOutputKind.DELTA, extra_args={PROFILE_KEY: profile})
+            output_kind=RequestOutputKind.DELTA, extra_args={PROFILE_KEY: profile, AUDIT_KEY: rid})
         n_ctx, n_prompt = len(prompt.context_ids), len(prompt.input_ids)
+        audited = bool(self.specs[profile].interventions)
         generated, first = 0, True
         try:
             async for ro in self.llm.generate({"prompt_token_ids": prompt.input_ids, "cache_salt": salt}, sp, rid):
@@ -163,8 +191,10 @@ class VLLMEngine(Engine):
                 if first and params.prompt_logprobs:
                     prompt_lp = _tokens(prompt.input_ids[n_ctx:], (ro.prompt_logprobs or [])[n_ctx:], params.logprobs)
                 first = False
+                trigger = await self._trigger(rid) if finish and audited else None
                 if text or tokens or finish or prompt_lp is not None:
-                    queue.put_nowait(ChoiceOutput(index, text, tokens, n_prompt, generated, finish, prompt_lp))
+                    queue.put_nowait(ChoiceOutput(index, text, tokens, n_prompt, generated, finish, prompt_lp,
+                                                  trigger))
         except Exception as e:  # cancellation (a BaseException) passes through
             queue.put_nowait(e)
 

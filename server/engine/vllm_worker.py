@@ -4,12 +4,14 @@ vLLM loads `VLLMWorkerExtension` by its qualified name into the worker class; th
 `obliviate_install` through collective_rpc once the model is loaded. From then on every forward of
 the model runner is wrapped: the runner's batch (its requests in order, the token range of each,
 their sampling params' extra_args) becomes a HookContext that the hooks read for the length of that
-forward, and after the forward the `sequence` condition's state is kept per request.
+forward, and after the forward the `sequence` condition's state is kept per request, as is the
+trigger audit's first firing position, until the engine process reads it (`obliviate_triggers`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from contextlib import ExitStack
 
 import torch
@@ -22,6 +24,8 @@ from ablation.spec import ProfileSpec
 log = logging.getLogger("obliviate.vllm_worker")
 
 PROFILE_KEY = "obliviate_profile"  # in SamplingParams.extra_args
+AUDIT_KEY = "obliviate_request"  # in extra_args: the engine process's id of the request (vLLM adds a suffix to its own)
+KEEP_TRIGGERS = 65536
 
 
 class ForwardContexts:
@@ -30,8 +34,12 @@ class ForwardContexts:
     def __init__(self, runner, table: ProfileTable, device: torch.device):
         self.runner, self.table, self.device = runner, table, device
         self.profile_of: dict[str, int] = {}  # request id -> profile index
+        self.audit_id: dict[str, str] = {}  # request id -> the id the engine process reads its trigger by
         self.fired: dict[str, dict] = {}  # request id -> {stateful hook point: fired}, after its last forward
         self._last: list[str] | None = None  # the requests of the last forward, until the guard reads them
+        # request id -> the first position where its profile's edit fired; kept past the request's end
+        # until the engine process reads it (the oldest go beyond KEEP_TRIGGERS: requests nobody asked for)
+        self.triggers: OrderedDict[str, int] = OrderedDict()
         self.current: HookContext | None = None  # the context of the forward running now (the hooks read it)
 
     def running(self) -> HookContext | None:
@@ -45,6 +53,7 @@ class ForwardContexts:
         if rid not in self.profile_of:
             extra = getattr(self.runner.requests[rid].sampling_params, "extra_args", None) or {}
             name = extra.get(PROFILE_KEY, "baseline")
+            self.audit_id[rid] = extra.get(AUDIT_KEY, rid)
             if name not in self.table.index:  # fail closed: never the plain model for a profile not held
                 raise UnknownProfileError(f"request {rid}: profile {name!r} is not installed in this worker "
                                           f"(it holds {self.table.names})")
@@ -91,9 +100,15 @@ class ForwardContexts:
             rows = torch.stack([ctx.fired[hp][:len(rids)].cpu() for hp in hps], -1).tolist()  # [n, s]
             for i, r in enumerate(rids):
                 self.fired[r] = dict(zip(hps, rows[i]))
+        for r, at in zip(rids, ctx.triggers(len(rids))):
+            key = self.audit_id[r]
+            if at is not None and key not in self.triggers:
+                self.triggers[key] = at
+        while len(self.triggers) > KEEP_TRIGGERS:
+            self.triggers.popitem(last=False)
         self._last = rids
         live = self.runner.requests
-        for d in (self.fired, self.profile_of):
+        for d in (self.fired, self.profile_of, self.audit_id):
             for r in [r for r in d if r not in live]:
                 del d[r]
         if self.table.retired:  # removed profiles that requests may still have
@@ -170,6 +185,12 @@ class VLLMWorkerExtension:
             self._obliviate_hooks.enter_context(residual_hooks(self.model_runner.get_model(), hooks, paired=True))
         self._obliviate_guarded = table.guarded()
         return index
+
+    def obliviate_triggers(self, rids: list[str]) -> dict[str, int]:
+        """The trigger audit of finished requests: request id -> the first position where its edit fired
+        (requests whose edit never fired are absent); each is handed over once."""
+        triggers = self._obliviate_contexts.triggers
+        return {r: triggers.pop(r) for r in rids if r in triggers}
 
     def obliviate_remove(self, name: str, index: int) -> list[str]:
         """Removes `name` if it is still the install `index` (the engine process calls this once no request

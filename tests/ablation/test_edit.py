@@ -23,19 +23,19 @@ def x():
 
 @pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_empty_error_preserving_profile_returns_x_unchanged(arch, x):
-    out, _ = apply_edits(x, build_sae(arch, D, 64), edit(keep_error=True))
+    out, _, _ = apply_edits(x, build_sae(arch, D, 64), edit(keep_error=True))
     assert out is x
 
 
 def test_identity_sae_reconstruction_is_exact(x):
-    out, _ = apply_edits(x, identity_sae(D), edit())
+    out, _, _ = apply_edits(x, identity_sae(D), edit())
     torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_sae_only_is_the_reconstruction(arch, x):
     sae = build_sae(arch, D, 64)
-    out, _ = apply_edits(x, sae, edit())
+    out, _, _ = apply_edits(x, sae, edit())
     torch.testing.assert_close(out, sae.decode(sae.encode(x)))
     assert not torch.allclose(out, x)
 
@@ -45,7 +45,7 @@ def test_keep_error_moves_x_only_along_edited_decoder_rows(arch, x):
     sae = build_sae(arch, D, 64)
     acts = encode(sae, x)
     f = int(acts.sum((0, 1)).argmax())  # a feature that fires
-    out, _ = apply_edits(x, sae, edit(keep_error=True, **{f"f{f}": -2.0}))
+    out, _, _ = apply_edits(x, sae, edit(keep_error=True, **{f"f{f}": -2.0}))
     expected = x + (-2.0 - acts[..., f:f + 1]) * sae.W_dec[f]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
     # the same as x + decode(a') - decode(a), the error term kept
@@ -59,7 +59,7 @@ def test_zero_ablation_inside_reconstruction(arch, x):
     sae = build_sae(arch, D, 64)
     acts = encode(sae, x)
     f = int(acts.sum((0, 1)).argmax())
-    out, _ = apply_edits(x, sae, edit(**{f"f{f}": 0.0}))
+    out, _, _ = apply_edits(x, sae, edit(**{f"f{f}": 0.0}))
     acts[..., f] = 0
     torch.testing.assert_close(out, sae.decode(acts))
 
@@ -68,14 +68,14 @@ def test_zero_ablation_inside_reconstruction(arch, x):
 def test_edits_of_features_that_never_fire_change_nothing(arch, x):
     sae = build_sae(arch, D, 64)
     assert (encode(sae, x)[..., DEAD] == 0).all()
-    zero, _ = apply_edits(x, sae, edit(keep_error=True, **{f"f{f}": 0.0 for f in DEAD}))
-    clamp, _ = apply_edits(x, sae, edit(keep_error=True, condition="token", **{f"f{f}": -9.0 for f in DEAD}))
+    zero, _, _ = apply_edits(x, sae, edit(keep_error=True, **{f"f{f}": 0.0 for f in DEAD}))
+    clamp, _, _ = apply_edits(x, sae, edit(keep_error=True, condition="token", **{f"f{f}": -9.0 for f in DEAD}))
     assert torch.equal(zero, x) and torch.equal(clamp, x)
 
 
 def test_token_condition_clamps_only_where_the_feature_fires():
     acts = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [0.0, 0.0]]])  # [1, 3, 2]
-    old, new, _ = edit_columns(acts, edit(condition="token", f0=-5.0))
+    old, new, _, _ = edit_columns(acts, edit(condition="token", f0=-5.0))
     assert new[0, :, 0].tolist() == [0.0, -5.0, 0.0]
     assert torch.equal(old, acts[..., :1])
 
@@ -85,12 +85,12 @@ def test_fires_above_ignores_weak_activations_for_token_and_sequence():
                          [[1.0], [2.5], [0.0], [0.0]]])  # [2, 4, 1]
     iv = Intervention(hookpoint="blocks.0.hook_resid_post", sae="x:y", condition="token",
                       edits=[FeatureEdit(feature=0, value=-7.0, fires_above=2.0)])
-    _, new, _ = edit_columns(acts, EditTensors.from_intervention(iv))
+    _, new, _, _ = edit_columns(acts, EditTensors.from_intervention(iv))
     assert new[..., 0].tolist() == [[1.5, -7.0, 0.5, 0.0], [1.0, -7.0, 0.0, 0.0]]
     seq = EditTensors.from_intervention(iv.model_copy(update={"condition": "sequence"}))
-    _, new, fired = edit_columns(acts[:, [0, 2, 1]], seq)  # the weak firings come first
+    _, new, fired, _ = edit_columns(acts[:, [0, 2, 1]], seq)  # the weak firings come first
     assert new[..., 0].tolist() == [[1.5, 0.5, -7.0], [1.0, 0.0, -7.0]] and fired.tolist() == [True, True]
-    _, new, fired = edit_columns(acts[:, [0, 2]], seq)  # only weak firings: nothing starts
+    _, new, fired, _ = edit_columns(acts[:, [0, 2]], seq)  # only weak firings: nothing starts
     assert torch.equal(new, acts[:, [0, 2]]) and fired.tolist() == [False, False]
     with pytest.raises(ValueError):
         FeatureEdit(feature=0, value=-1.0, fires_above=-1.0)
@@ -100,22 +100,32 @@ def test_sequence_condition_starts_at_first_firing_and_respects_padding():
     acts = torch.tensor([[[0.0], [0.0], [3.0], [0.0]],
                          [[4.0], [0.0], [0.0], [0.0]]])  # [2, 4, 1]
     valid = torch.tensor([[True] * 4, [False, True, True, True]])  # row 1: position 0 is padding
-    _, new, fired = edit_columns(acts, edit(condition="sequence", f0=-1.0), valid)
+    _, new, fired, hit = edit_columns(acts, edit(condition="sequence", f0=-1.0), valid)
     assert new[0, :, 0].tolist() == [0.0, 0.0, -1.0, -1.0]
     assert new[1, :, 0].tolist() == [4.0, 0.0, 0.0, 0.0]  # a feature firing on padding does not count
     assert fired.tolist() == [True, False]
+    assert hit.tolist() == [[False, False, True, False], [False] * 4]  # where it fired (the trigger audit)
+
+
+def test_the_context_keeps_each_sequences_first_firing_position_over_hook_points():
+    from ablation.hooks import HookContext
+    seq, pos = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([0, 1, 2, 0, 1, 7])
+    ctx = HookContext.build(torch.zeros(6, dtype=torch.long), seq, pos, {}, "cpu")
+    ctx.note_fired(torch.tensor([1, 2, 3, 4]), torch.tensor([False, True, False, False]))
+    ctx.note_fired(torch.tensor([0, 1, 2, 5]), torch.tensor([False, True, True, True]))  # a second hook point
+    assert ctx.triggers(3) == [1, None, 7]
 
 
 def test_sequence_active_clamps_only_where_each_feature_is_active_after_the_first_firing():
     acts = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [5.0, 0.0], [0.0, 0.0]],
                          [[0.0, 3.0], [0.0, 0.0], [1.0, 2.0], [0.0, 0.0]]])  # [2, 4, 2]
-    _, new, fired = edit_columns(acts, edit(condition="sequence_active", f0=-1.0, f1=-1.0))
+    _, new, fired, _ = edit_columns(acts, edit(condition="sequence_active", f0=-1.0, f1=-1.0))
     assert new[0].tolist() == [[-1.0, 0.0], [0.0, -1.0], [-1.0, 0.0], [0.0, 0.0]]  # zeros stay zeros
     assert new[1].tolist() == [[0.0, -1.0], [0.0, 0.0], [-1.0, -1.0], [0.0, 0.0]]
     strict = edit(condition="sequence_active", f0=-1.0, f1=-1.0)  # before the first firing: untouched
     strict = EditTensors(strict.features, strict.values, strict.keep_error, strict.condition,
                          thresholds=torch.tensor([4.0, 4.0]))
-    _, new, fired = edit_columns(acts, strict)
+    _, new, fired, _ = edit_columns(acts, strict)
     assert new[0].tolist() == [[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 0.0]] and fired.tolist() == [True, False]
     assert torch.equal(new[1], acts[1])
 
@@ -123,12 +133,12 @@ def test_sequence_active_clamps_only_where_each_feature_is_active_after_the_firs
 def test_generated_tokens_take_zero_or_no_edit_the_prompt_keeps_the_values():
     acts = torch.tensor([[[0.0], [3.0], [2.0], [1.0]]])  # [1, 4, 1]: fires at 1; positions 2, 3 generated
     prompt = torch.tensor([[True, True, False, False]])
-    _, new, _ = edit_columns(acts, edit(condition="sequence", f0=-5.0), prompt=prompt)
+    _, new, _, _ = edit_columns(acts, edit(condition="sequence", f0=-5.0), prompt=prompt)
     assert new[0, :, 0].tolist() == [0.0, -5.0, -5.0, -5.0]  # generated "same"
     zero = EditTensors.from_intervention(Intervention(hookpoint="blocks.0.hook_resid_post", sae="x:y",
                                                       condition="sequence", generated="zero",
                                                       edits=[FeatureEdit(feature=0, value=-5.0)]))
-    _, new, _ = edit_columns(acts, zero, prompt=prompt)
+    _, new, _, _ = edit_columns(acts, zero, prompt=prompt)
     assert new[0, :, 0].tolist() == [0.0, -5.0, 0.0, 0.0]
     assert edit_columns(acts, zero)[1][0, :, 0].tolist() == [0.0, -5.0, -5.0, -5.0]  # no mask: all prompt
 
@@ -140,7 +150,7 @@ def test_generated_off_leaves_generated_tokens_untouched(arch, x):
                       edits=[FeatureEdit(feature=f, value=-3.0) for f in range(4)])
     prompt = torch.zeros(x.shape[:2], dtype=torch.bool)
     prompt[:, :4] = True
-    out, _ = apply_edits(x, sae, EditTensors.from_intervention(iv), prompt=prompt)
+    out, _, _ = apply_edits(x, sae, EditTensors.from_intervention(iv), prompt=prompt)
     assert torch.equal(out[:, 4:], x[:, 4:]) and not torch.allclose(out[:, :4], x[:, :4])
 
 
@@ -150,11 +160,11 @@ def test_sequence_condition_carried_across_steps_equals_one_pass(arch, x):
     acts = encode(sae, x)
     f = int(acts.sum((0, 1)).argmax())
     e = edit(keep_error=True, condition="sequence", **{f"f{f}": -3.0})
-    whole, _ = apply_edits(x, sae, e)
-    first, fired = apply_edits(x[:, :4], sae, e)
+    whole, _, _ = apply_edits(x, sae, e)
+    first, fired, _ = apply_edits(x[:, :4], sae, e)
     rest = []
     for t in range(4, x.shape[1]):  # one token at a time, as decoding does
-        y, fired = apply_edits(x[:, t:t + 1], sae, e, fired=fired)
+        y, fired, _ = apply_edits(x[:, t:t + 1], sae, e, fired=fired)
         rest.append(y)
     torch.testing.assert_close(torch.cat([first, *rest], 1), whole)
 
@@ -165,7 +175,7 @@ def test_positions_outside_valid_are_left_untouched(arch, x):
     valid = torch.ones(x.shape[:2], dtype=torch.bool)
     valid[:, 0] = False  # BOS
     valid[1, :3] = False  # padding
-    out, _ = apply_edits(x, sae, edit(), valid)
+    out, _, _ = apply_edits(x, sae, edit(), valid)
     assert torch.equal(out[~valid], x[~valid])
     torch.testing.assert_close(out[valid], sae.decode(sae.encode(x))[valid])
 
@@ -176,14 +186,14 @@ def test_flat_tokens_with_sequence_ids_equal_the_rows_layout(arch, x):
     sae = build_sae(arch, D, 64)
     f = int(encode(sae, x).sum((0, 1)).argmax())
     e = edit(keep_error=True, condition="sequence", **{f"f{f}": -3.0})
-    rows, fired_rows = apply_edits(x, sae, e)
+    rows, fired_rows, _ = apply_edits(x, sae, e)
     lengths = [7, 3, 5]  # rows of different lengths, packed
     flat = torch.cat([x[i, :n] for i, n in enumerate(lengths)])
     seq = torch.arange(3).repeat_interleave(torch.tensor(lengths))
-    out, fired = apply_edits(flat, sae, e, seq=seq, fired=torch.zeros(3, dtype=torch.bool))
+    out, fired, _ = apply_edits(flat, sae, e, seq=seq, fired=torch.zeros(3, dtype=torch.bool))
     torch.testing.assert_close(out, torch.cat([rows[i, :n] for i, n in enumerate(lengths)]))
     # a later forward sees only some sequences, one token each: the others' state is kept
-    step, fired2 = apply_edits(x[[2, 0], :1].reshape(2, D), sae, e, seq=torch.tensor([2, 0]), fired=fired)
+    step, fired2, _ = apply_edits(x[[2, 0], :1].reshape(2, D), sae, e, seq=torch.tensor([2, 0]), fired=fired)
     assert fired2[1] == fired[1] and fired2[0] == (fired[0] | fired_rows[0] | fired2[0])
 
 

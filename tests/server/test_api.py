@@ -341,6 +341,29 @@ def test_metrics_count_requests_by_profile(api_server, client):
     assert "obliviate_requests_running" in text and "obliviate_engine_steps" in text
 
 
+def test_trigger_audit_says_where_the_edit_fired_streamed_or_not_and_counts_it(api_server, lm):
+    url, body = api_server.url, {"model": "gemma-3-270m", "max_tokens": 4, "temperature": 0, "profile": "hp_unlearn"}
+    before = {m: metric(url, f"obliviate_choices_{m}_total", profile="hp_unlearn") for m in ("audited", "triggered")}
+    prompts = ["The boy wizard Harry Potter studies at", "The capital of France is"]
+    got = httpx.post(url + "/v1/completions", json={**body, "prompt": prompts}, timeout=120).json()["choices"]
+    hp, generic = got[0]["unlearning"], got[1]["unlearning"]
+    assert generic == {"triggered": False}
+    ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(prompts[0], add_special_tokens=False).input_ids
+    assert hp["triggered"] and 0 < hp["first_token"] < len(ids)
+    assert hp["token"] == lm.tokenizer.decode([ids[hp["first_token"]]]) and hp["token"].strip() in ("Harry", "Potter")
+    # streamed: the audit comes with the choice's finish_reason
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "prompt": prompts[0], "stream": True},
+                      timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [e["choices"][0].get("unlearning") for e in events if e["choices"][0].get("finish_reason")] == [hp]
+    assert all("unlearning" not in e["choices"][0] for e in events if not e["choices"][0].get("finish_reason"))
+    plain = httpx.post(url + "/v1/completions", json={**body, "prompt": prompts[0], "profile": "baseline"},
+                       timeout=120).json()["choices"][0]
+    assert "unlearning" not in plain  # a profile that does not edit the model has nothing to audit
+    assert metric(url, "obliviate_choices_audited_total", profile="hp_unlearn") == before["audited"] + 3
+    assert metric(url, "obliviate_choices_triggered_total", profile="hp_unlearn") == before["triggered"] + 2
+
+
 def test_a_client_leaving_a_non_streamed_request_stops_its_generation(api_server):
     url = api_server.url
     aborted = metric(url, "obliviate_requests_aborted_total", reason="cancelled")
