@@ -158,12 +158,14 @@ class HookContext:
     @classmethod
     def build(cls, profiles: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor,
               fired: dict[Hookpoint, torch.Tensor], device: torch.device | str,
-              prompt: torch.Tensor | None = None) -> "HookContext":
-        """profiles, seq, positions, prompt: [N] per token (any device) -> the context on `device`."""
+              prompt: torch.Tensor | None = None, audit: bool = True) -> "HookContext":
+        """profiles, seq, positions, prompt: [N] per token (any device) -> the context on `device`; audit:
+        keep where each sequence's edit first fired (else `triggers` says None for every sequence)."""
         profiles = profiles.cpu()
         rows_for = {p: (profiles == p).nonzero().squeeze(-1).to(device) for p in profiles.unique().tolist()}
         seq = seq.to(device)
-        trigger = torch.full((int(seq.max()) + 1 if seq.numel() else 0,), NOT_FIRED, dtype=torch.long, device=device)
+        trigger = torch.full((int(seq.max()) + 1 if seq.numel() else 0,), NOT_FIRED, dtype=torch.long,
+                             device=device) if audit else None
         return cls(rows_for, seq, positions.to(device).long(), fired, None if prompt is None else prompt.to(device),
                    trigger)
 
@@ -174,11 +176,15 @@ class HookContext:
 
     def note_fired(self, idx: torch.Tensor, hit: torch.Tensor) -> None:
         """Tokens `idx` where an edit fired (hit: [n] bool) -> the earliest such position per sequence."""
+        if self.trigger is None:
+            return
         at = torch.where(hit.reshape(-1), self.positions[idx], NOT_FIRED)
         self.trigger.scatter_reduce_(0, self.seq[idx], at, "amin")
 
     def triggers(self, n: int) -> list[int | None]:
         """The first n sequences' first firing positions in this forward (None: none fired)."""
+        if self.trigger is None:
+            return [None] * n
         return [None if t == NOT_FIRED else t for t in self.trigger[:n].tolist()]
 
 

@@ -10,7 +10,7 @@ from evals.bench import add_bench
 from evals.cli import add_eval
 from server.cli import add_serve
 from server.errors import CLIError
-from workshop.cli import add_features, add_sae, add_unlearn
+from workshop.cli import add_attack, add_features, add_sae, add_unlearn
 
 
 class Parser(argparse.ArgumentParser):
@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="obliviate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for register in (add_serve, add_sae, add_features, add_unlearn, add_eval, add_bench):
+    for register in (add_serve, add_sae, add_features, add_unlearn, add_attack, add_eval, add_bench):
         register(sub)
     return parser
 

@@ -38,12 +38,16 @@ PROMPTS = [
 ]
 
 
+NO_AUDIT = "-noaudit"
+ENGINES = ("builtin", "vllm", "vllm-plain", "builtin" + NO_AUDIT, "vllm" + NO_AUDIT)
+
+
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="serving speed over HTTP: engines x concurrency x profiles, with ratios")
     p.add_argument("--server", help="benchmark a running server instead of starting one")
     p.add_argument("--model", default="gemma-3-270m", help="the model name requests carry")
     p.add_argument("--engines", type=comma_list(), default=["builtin"], help="comma-separated: builtin, vllm, vllm-plain "
-                   "(vLLM's own OpenAI server, no hooks)")
+                   "(vLLM's own OpenAI server, no hooks), builtin-noaudit, vllm-noaudit (without the trigger audit)")
     p.add_argument("--concurrency", type=comma_list(int), default=[1, 8, 32])
     p.add_argument("--profiles", type=comma_list(),
                    default=["baseline", "hp_unlearn", "sae_only", "mix"])
@@ -59,8 +63,8 @@ def add_bench(sub) -> None:
 
 def cmd_bench(args) -> int:
     engines, levels, profiles = args.engines, args.concurrency, args.profiles
-    if bad := [e for e in engines if e not in ("builtin", "vllm", "vllm-plain")]:
-        raise CLIError(f"unknown engine {bad[0]!r}: use builtin, vllm or vllm-plain")
+    if bad := [e for e in engines if e not in ENGINES]:
+        raise CLIError(f"unknown engine {bad[0]!r}: use {', '.join(ENGINES)}")
     if not levels or min(levels) < 1 or args.tokens < 1 or args.requests < 1:
         raise CLIError("--concurrency, --tokens and --requests must be ≥ 1")
     results = {"config": {k: str(v) for k, v in vars(args).items() if k != "func"}, "runs": [], "machine": _machine(),
@@ -100,7 +104,9 @@ def _server(engine: str, args):
                              "--max-model-len", "2048", "--disable-log-stats", "--dtype", _dtype(args),
                              cmd=[sys.executable, "-m", "vllm.entrypoints.openai.api_server"],
                              env={"VLLM_CPU_KVCACHE_SPACE": "4"})  # GiB, as the vllm engine takes
-    return ServerProcess("--engine", engine, "--dtype", _dtype(args), *args.serve_args.split())
+    audit = ["--no-trigger-audit"] if engine.endswith(NO_AUDIT) else []
+    return ServerProcess("--engine", engine.removesuffix(NO_AUDIT), "--dtype", _dtype(args), *audit,
+                         *args.serve_args.split())
 
 
 async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: str, tokens: int) -> tuple[float, int]:
@@ -214,6 +220,8 @@ def ratios(results: dict) -> dict:
         base = tps.get((engine, c, "baseline"))
         if profile != "baseline" and base:
             out[f"{engine} c{c} {profile} / baseline"] = round(v / base, 3)
+        if (plain := tps.get((engine + NO_AUDIT, c, profile))) is not None:  # what the trigger audit costs
+            out[f"{engine} c{c} {profile} / {engine}{NO_AUDIT}"] = round(v / plain, 3)
         if hf and profile == "baseline" and c == top:
             out[f"{engine} c{c} baseline / HF generate b{results['hf_generate']['batch']}"] = round(v / hf, 3)
     for engine in ("vllm",):

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from clients.http import APIError, AsyncClient
-from evals import generation, scoring
+from evals import attacks, generation, scoring
 from evals.common import EvalContext, EvalError, Topics, server_info
 from evals.summary import write_index
 from server.cli import comma_list
@@ -15,7 +15,7 @@ from server.errors import CLIError
 
 REPORT_FNS = {"completions": generation.completions, "familiarity": generation.familiarity,
               "tokens": scoring.tokens, "loss": scoring.loss, "trivia": scoring.trivia,
-              "robustness": generation.robustness}
+              "robustness": generation.robustness, "attacks": attacks.attacks}
 REPORTS = list(REPORT_FNS)
 
 
@@ -85,4 +85,6 @@ def available(report: str, topics) -> bool:
         return any(t.trivia for t in topics.topics)
     if report == "robustness":
         return any(t.robustness for t in topics.topics)
+    if report == "attacks":
+        return any(t.attacks for t in topics.topics)
     return True

@@ -45,6 +45,7 @@ class Topic:
     nearby: tuple[Path, ...]
     trivia: Path | None = None
     robustness: Path | None = None
+    attacks: Path | None = None
 
 
 def read_topic(ref: str) -> Topic:
@@ -56,13 +57,14 @@ def read_topic(ref: str) -> Topic:
     try:
         spec = yaml.safe_load(path.read_text())
         files = {k: (path.parent / spec[k]).resolve() if spec.get(k) else None
-                 for k in ("prompts", "lexicon", "trivia", "robustness")}
+                 for k in ("prompts", "lexicon", "trivia", "robustness", "attacks")}
         nearby = tuple((path.parent / f).resolve() for f in spec.get("nearby") or [])
         topic = Topic(str(spec["name"]), str(spec.get("title") or spec["name"]), files["prompts"], files["lexicon"],
-                      nearby, files["trivia"], files["robustness"])
+                      nearby, files["trivia"], files["robustness"], files["attacks"])
     except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         raise EvalError(f"{path}: a topic needs name, prompts and lexicon ({type(e).__name__}: {e})") from None
-    missing = [str(f) for f in (topic.prompts, topic.lexicon, topic.trivia, topic.robustness, *topic.nearby)
+    missing = [str(f) for f in (topic.prompts, topic.lexicon, topic.trivia, topic.robustness, topic.attacks,
+                                *topic.nearby)
                if f is not None and not f.is_file()]
     if missing:
         raise EvalError(f"{path}: file(s) not found: {', '.join(missing)}")

@@ -17,7 +17,8 @@ def summary_table(ctx: EvalContext, r: dict) -> tuple[list[str], list[list]]:
               ["generic correct", "nearby correct", "loss added"] +
               [f"{k} {m}" for k in topics for m in ("fluency", "markup", "repeats")] +
               [f"{k} trivia {m}" for k in triv for m in ("(continuation)", "letters both orders", "share A")] +
-              (["robustness leak"] if "robustness" in r else []))
+              (["robustness leak"] if "robustness" in r else []) +
+              [f"{k} answers kept under attack" for k in topics if "attacks" in r])
     count = lambda s: f"{s['correct']}/{s['n']}"  # noqa: E731
     rows = []
     for p in ctx.profiles:
@@ -27,7 +28,8 @@ def summary_table(ctx: EvalContext, r: dict) -> tuple[list[str], list[list]]:
                     [fam[k][p][m] for k in topics for m in ("mean_fluency", "markup_rate", "repeat_rate")] +
                     [r["trivia"][k][p][m] for k in triv
                      for m in ("continuation_accuracy", "both_orders_accuracy", "share_a")] +
-                    ([r["robustness"]["leak"][p]] if "robustness" in r else []))
+                    ([r["robustness"]["leak"][p]] if "robustness" in r else []) +
+                    [r["attacks"]["pooled"][k][p] for k in topics if "attacks" in r])
     return header, rows
 
 
@@ -44,7 +46,8 @@ def write_index(ctx: EvalContext, results: dict, timings: dict) -> Path:
           "3-word run three times. Trivia continuation: the true answer more likely than "
           "the false one as a continuation (chance 0.5); letters both orders: right whichever position holds the "
           "true answer (chance 0.25). Robustness leak: mean correct rate over paraphrases, other languages, "
-          "jailbreak prefixes and in-context relearning.\n")
+          "jailbreak prefixes and in-context relearning. Answers kept under attack: the share of baseline's answers a "
+          "profile gives on the attack report's prompts, every family pooled.\n")
     path = ctx.out / "index.md"
     path.write_text(md)
     return path

@@ -85,8 +85,8 @@ def make_engine(settings: Settings, model, table: ProfileTable) -> Engine:
         return VLLMEngine(model, table.specs, dtype=dtype_name(settings.dtype, settings.device), max_batch_size=settings.max_batch_size,
                           max_model_len=min(settings.max_model_len, model.max_len),
                           tensor_parallel_size=settings.tensor_parallel_size,
-                          data_parallel_size=settings.data_parallel_size)
-    return BuiltinEngine(model, table, settings.max_batch_size)
+                          data_parallel_size=settings.data_parallel_size, audit=settings.trigger_audit)
+    return BuiltinEngine(model, table, settings.max_batch_size, audit=settings.trigger_audit)
 
 
 def load_model_for(settings: Settings) -> ModelInfo:

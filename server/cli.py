@@ -37,6 +37,9 @@ def add_serve(sub) -> None:
                    help="serve on a non-loopback --host without --keys or --api-key")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 4 MiB)")
     p.add_argument("--max-choices", type=int, help="most completions one request may ask for: prompts x n (default 64)")
+    p.add_argument("--trigger-audit", action=argparse.BooleanOptionalAction, default=None,
+                   help="say in each choice of a profile that edits the model whether its edit fired and at which "
+                        "token (the `unlearning` field; counted in /metrics; default on)")
     p.add_argument("--max-queue", type=int,
                    help="sequences that may wait beyond the running batch; more get 429 (default 128)")
     p.add_argument("--request-timeout", type=float, help="seconds a request may take in all (default 600)")

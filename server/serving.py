@@ -40,6 +40,7 @@ class CompletionServing:
         self.tok = model.tokenizer
         self.max_model_len = min(settings.max_model_len, model.max_len)
         self.max_choices, self.request_timeout = settings.max_choices, settings.request_timeout
+        self.trigger_audit = settings.trigger_audit
         self.admission = Admission(settings.max_batch_size, settings.max_queue)
         metrics.in_flight.set_function(lambda: self.admission.in_flight)
         self._prefix_ids = {n: self._tokens(s.prefix) for n, s in profiles.items()}
@@ -266,7 +267,7 @@ class CompletionServing:
     def edits(self, profile: str) -> bool:
         """Whether the engine's profile edits the model (its choices carry the trigger audit)."""
         spec = self._inline.get(profile) or self.specs.get(profile)
-        return bool(spec and spec.interventions)
+        return self.trigger_audit and bool(spec and spec.interventions)
 
     async def create(self, req: CompletionRequest, access: Access = OPEN) -> CompletionResponse | AsyncIterator[str]:
         self._check_health()

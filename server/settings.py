@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     dtype: str | None = None
     engine: Literal["builtin", "vllm"] = "builtin"
     max_batch_size: int = 32
+    trigger_audit: bool = True  # each choice of an editing profile says whether its edit fired (and /metrics counts it)
     tensor_parallel_size: int = 1  # vllm engine only
     data_parallel_size: int = 1  # vllm engine only
     max_model_len: int = 2048

@@ -12,7 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from clients.http import APIError
-from evals.common import EvalError, Topics
+from evals.attacks import GCG_FILE
+from evals.common import EvalError, Topics, load_jsonl
 from server.cli import comma_list
 from server.errors import CLIError
 from workshop.corpus import DATA, FICTION, CorpusError, read_texts
@@ -307,4 +308,64 @@ def cmd_unlearn(args) -> int:
             raise CLIError(f"{path} was written, but the reports failed: {e}") from None
         print(f"\nreports for baseline and {args.name} ({args.topic}, test split) in {args.report}:\n"
               f"{index.read_text()}\nin {time.perf_counter() - t0:.0f} s in all")
+    return 0
+
+
+def add_attack(sub) -> None:
+    p = sub.add_parser("attack", help="search attacks offline against a profile (replayed by `obliviate eval attacks`)")
+    asub = p.add_subparsers(dest="attack_command", required=True, parser_class=type(p))
+    g = asub.add_parser("gcg", help="GCG: adversarial tokens before the prompt that bring the topic's answers back "
+                        "under a profile (on CPU, the topic's dev prompts)")
+    g.add_argument("--profile", required=True, help="a served profile's name (shipped) or a profile YAML")
+    g.add_argument("--topic", required=True, help="the topic whose dev prompts are targets: hp, sw or a topic YAML")
+    g.add_argument("--model", default="gemma-3-270m")
+    g.add_argument("--prompts", type=int, default=6, help="dev prompts searched together (default 6)")
+    g.add_argument("--tokens", type=int, default=8, help="adversarial tokens (default 8)")
+    g.add_argument("--steps", type=int, default=30, help="search steps (default 30)")
+    g.add_argument("--batch", type=int, default=32, help="swaps scored per step (default 32)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=Path, help="the JSON the attack report reads (default: the shipped "
+                   "evals/data/attacks/gcg.json); the topic's entry is replaced")
+    g.set_defaults(func=cmd_attack_gcg)
+
+
+def cmd_attack_gcg(args) -> int:
+    if min(args.prompts, args.tokens, args.steps, args.batch) < 1:
+        raise CLIError("need --prompts, --tokens, --steps and --batch ≥ 1")
+    try:
+        topics = Topics.of(args.topic)
+    except EvalError as e:
+        raise CLIError(f"--topic: {e}") from None
+    if len(topics.topics) != 1:
+        raise CLIError("--topic: one topic at a time")
+    topic = topics.topics[0]
+    items = load_jsonl(topic.prompts, "dev", args.prompts)
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
+    from ablation.spec import ProfileError, default_profiles_dir, load_profile, load_profiles
+    from models.loading import ModelLoadError, load_model
+    from workshop.gcg import Target, search
+
+    try:
+        if args.profile.endswith((".yaml", ".yml")):
+            spec = load_profile(args.profile)
+        else:
+            shipped = load_profiles([default_profiles_dir()], args.model)
+            if args.profile not in shipped:
+                raise CLIError(f"unknown profile {args.profile!r} for {args.model}: one of {', '.join(sorted(shipped))} "
+                               f"or a profile YAML")
+            spec = shipped[args.profile]
+        lm = load_model(args.model, device="cpu", dtype="float32")
+        result = search(lm, spec, [Target(it["prompt"], it["answers"][0]) for it in items], args.tokens, args.steps,
+                        batch=args.batch, seed=args.seed)
+    except (ProfileError, ModelLoadError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    out = args.out or GCG_FILE
+    found = json.loads(out.read_text()) if out.is_file() else {}
+    found[topic.name] = {"text": result.text, "ids": result.ids, "profile": spec.name, "model": args.model,
+                         "prompts": [it["id"] for it in items], "steps": args.steps, "batch": args.batch,
+                         "seed": args.seed, "loss": round(result.loss, 4), "start_loss": round(result.start_loss, 4),
+                         "seconds": round(result.seconds, 1)}
+    out.write_text(json.dumps(found, indent=2, ensure_ascii=False) + "\n")
+    print(f"{topic.name}: {result.text!r}: answer loss {result.start_loss:.2f} -> {result.loss:.2f} nats/token under "
+          f"{spec.name} on {len(items)} dev prompts, {result.seconds:.0f} s; written to {out}")
     return 0

@@ -38,8 +38,9 @@ class BuiltinEngine(Engine):
     name = "builtin"
 
     def __init__(self, lm: LoadedModel, table: ProfileTable, max_batch_size: int = 32,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 4096, audit: bool = True):
         self.lm, self.table = lm, table
+        self.audit = audit  # the trigger audit: where each row's edit first fired
         self.model, self.tok = lm.model, lm.tokenizer
         table.check_model(lm.n_layers, lm.model.config.hidden_size)
         self.eos_ids = lm.eos_ids
@@ -266,7 +267,8 @@ class BuiltinEngine(Engine):
         self.batch.cache.reserve(int(lengths.max()) + 1)
         seq = torch.arange(len(rows)).repeat_interleave(lengths)  # [T]
         pos = torch.cat([torch.arange(n) for n in lengths.tolist()])  # [T]
-        ctx = HookContext.build(self.batch.profile[rows][seq], seq, pos, self._fresh_state(len(rows)), self.lm.device)
+        ctx = HookContext.build(self.batch.profile[rows][seq], seq, pos, self._fresh_state(len(rows)), self.lm.device,
+                                audit=self.audit)
         hidden = self.forward(torch.tensor(sum(ids, []))[None], pos[None],
                               KVStep.prefill(self.batch.cache, rows, lengths.tolist()), ctx)[0]  # [T, d]
         ends = lengths.cumsum(0)
@@ -287,7 +289,7 @@ class BuiltinEngine(Engine):
         self.batch.cache.reserve(int(pos.max()) + 1)
         fired = {hp: f[b.to(f.device)] for hp, f in self.batch.fired.items()}
         ctx = HookContext.build(self.batch.profile[b], torch.arange(len(rows)), pos, fired, self.lm.device,
-                                prompt=torch.zeros(len(rows), dtype=torch.bool))  # each row's newest token
+                                prompt=torch.zeros(len(rows), dtype=torch.bool), audit=self.audit)  # newest tokens
         kv = KVStep.decode(self.batch.cache, pos, self.windows, None if len(rows) == len(self.batch) else b)
         hidden = self.forward(self.batch.last[b][:, None], pos[:, None], kv, ctx)  # [b, 1, d]
         for hp, f in ctx.fired.items():

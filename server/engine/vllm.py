@@ -36,11 +36,12 @@ class VLLMEngine(Engine):
 
     def __init__(self, model: ModelInfo, profiles: dict[str, ProfileSpec], *, dtype: str | None = None,
                  max_batch_size: int = 32, max_model_len: int = 2048, tensor_parallel_size: int = 1,
-                 data_parallel_size: int = 1, kv_cache_gib: int = 4):
+                 data_parallel_size: int = 1, kv_cache_gib: int = 4, audit: bool = True):
         self.model, self.specs = model, dict(profiles)
         self.options = dict(dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len,
                             tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
         self.kv_cache_gib = kv_cache_gib
+        self.audit = audit  # the trigger audit: the workers keep where each request's edit fired; read at its end
         self.llm = None
         self._stats = _Stats()
         self._live: dict[str, list[str]] = {}  # our request id -> its vLLM request ids
@@ -65,7 +66,7 @@ class VLLMEngine(Engine):
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.factory])
         payload = {n: s.model_dump() for n, s in self.specs.items()}
         banned = markup_token_ids(self.model.tokenizer)
-        names = await self.llm.collective_rpc("obliviate_install", args=(payload, banned))
+        names = await self.llm.collective_rpc("obliviate_install", args=(payload, banned, self.audit))
         self.served = set.intersection(*map(set, names))
         self._index = {n: i for i, n in enumerate(self.specs)}
         log.info("vLLM workers serve profiles %s", sorted(self.served))
@@ -175,7 +176,7 @@ class VLLMEngine(Engine):
             prompt_logprobs=(params.logprobs or 0) if params.prompt_logprobs else None,
             output_kind=RequestOutputKind.DELTA, extra_args={PROFILE_KEY: profile, AUDIT_KEY: rid})
         n_ctx, n_prompt = len(prompt.context_ids), len(prompt.input_ids)
-        audited = bool(self.specs[profile].interventions)
+        audited = self.audit and bool(self.specs[profile].interventions)
         generated, first = 0, True
         try:
             async for ro in self.llm.generate({"prompt_token_ids": prompt.input_ids, "cache_salt": salt}, sp, rid):

@@ -31,8 +31,8 @@ KEEP_TRIGGERS = 65536
 class ForwardContexts:
     """Builds HookContexts from a vLLM model runner's batch and keeps per-request hook state."""
 
-    def __init__(self, runner, table: ProfileTable, device: torch.device):
-        self.runner, self.table, self.device = runner, table, device
+    def __init__(self, runner, table: ProfileTable, device: torch.device, audit: bool = True):
+        self.runner, self.table, self.device, self.audit = runner, table, device, audit
         self.profile_of: dict[str, int] = {}  # request id -> profile index
         self.audit_id: dict[str, str] = {}  # request id -> the id the engine process reads its trigger by
         self.fired: dict[str, dict] = {}  # request id -> {stateful hook point: fired}, after its last forward
@@ -80,7 +80,7 @@ class ForwardContexts:
             fired[hp] = f.to(self.device)
         n_prompt = torch.tensor([self.runner.requests[r].num_prompt_tokens for r in rids] + [0])
         prompt = positions.cpu() < n_prompt[seq]  # a token the model generated sits past its prompt
-        ctx = HookContext.build(profiles[seq], seq, positions, fired, self.device, prompt)
+        ctx = HookContext.build(profiles[seq], seq, positions, fired, self.device, prompt, self.audit)
         return ctx, rids
 
     def guarded_rows(self, guarded: torch.Tensor) -> torch.Tensor | None:
@@ -123,7 +123,7 @@ class UnknownProfileError(RuntimeError):
 class VLLMWorkerExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); methods are called by collective_rpc."""
 
-    def obliviate_install(self, profiles: dict[str, dict], banned: list[int] = ()) -> list[str]:
+    def obliviate_install(self, profiles: dict[str, dict], banned: list[int] = (), audit: bool = True) -> list[str]:
         runner = self.model_runner
         model = runner.get_model()
         weight = next(model.parameters())
@@ -133,7 +133,7 @@ class VLLMWorkerExtension:
         table.check_model(config.num_hidden_layers, config.hidden_size)
         self._obliviate = table
         self._obliviate_hooks = ExitStack()
-        contexts = ForwardContexts(runner, table, weight.device)
+        contexts = ForwardContexts(runner, table, weight.device, audit)
         self._obliviate_contexts = contexts
         # vLLM's models do not all hand keyword arguments on to their layers (Llama does not): the hooks
         # read the context of the running forward from `contexts`, set around that forward only

@@ -189,13 +189,13 @@ def test_eval_all_cli_writes_every_report(server, tmp_path):
                         "baseline,t_clamp", "--limit", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    for name in ["completions", "familiarity", "tokens", "loss", "trivia", "robustness"]:
+    for name in ["completions", "familiarity", "tokens", "loss", "trivia", "robustness", "attacks"]:
         assert (tmp_path / f"{name}.json").exists() and (tmp_path / f"{name}.md").exists()
-    for png in ["familiarity", "tokens_hp_t_clamp", "loss", "trivia", "robustness"]:
+    for png in ["familiarity", "tokens_hp_t_clamp", "loss", "trivia", "robustness", "attacks"]:
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
     index = (tmp_path / "index.md").read_text()
-    assert "| baseline |" in index and "| t_clamp |" in index
-    for name in ["completions", "familiarity", "tokens", "loss", "trivia", "robustness"]:  # a reading first
+    assert "| baseline |" in index and "| t_clamp |" in index and "hp answers kept under attack" in index
+    for name in ["completions", "familiarity", "tokens", "loss", "trivia", "robustness", "attacks"]:  # a reading first
         first = (tmp_path / f"{name}.md").read_text().split("\n\n")[1]
         assert "`baseline`" in first or "`t_clamp`" in first, (name, first)
 

@@ -67,14 +67,19 @@ def test_a_request_timeout_then_a_graceful_drain_on_sigterm(tmp_path):
 
 def test_kill_9_then_restart_serves_the_same_from_the_cache(tmp_path):
     body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
-    texts = []
-    for run in range(2):
-        with open(tmp_path / f"server{run}.log", "w") as log, ServerProcess(log=log) as s:
+    hp = {"prompt": "Harry Potter goes to school at", "max_tokens": 8, "temperature": 0, "profile": "hp_unlearn"}
+    texts, audited = [], []
+    for run in range(2):  # the restart also turns the trigger audit off: the same text, without the field
+        args = ["--no-trigger-audit"] if run else []
+        with open(tmp_path / f"server{run}.log", "w") as log, ServerProcess(*args, log=log) as s:
             texts.append(httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"])
+            audited.append(httpx.post(s.url + "/v1/completions", json=hp, timeout=60).json()["choices"][0])
             if run == 0:
                 os.killpg(s.proc.pid, signal.SIGKILL)
                 assert s.proc.wait(30) == -signal.SIGKILL
     assert texts[0] == texts[1] and texts[0].strip()
+    assert audited[0]["unlearning"]["triggered"] and "unlearning" not in audited[1]
+    assert audited[0]["text"] == audited[1]["text"]
     assert "preparing" not in (tmp_path / "server1.log").read_text()  # the cache was used, not rebuilt
 
 
