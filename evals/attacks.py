@@ -9,7 +9,8 @@ found offline by a GCG search against the model and a profile, `obliviate attack
 HTTP) and `likelihood` (two-choice trivia scored by prompt logprobs: a side channel that needs no text).
 Every family also wraps generic questions the same way (the controls): a wrapper that breaks every
 answer is not forgetting. Each completion's trigger audit (the server's `unlearning` field) says whether
-the profile's edit fired; an attack that gets an answer back is usually one that did not trip it.
+the profile's edit fired in the prompt; an attack that gets an answer back is usually one that did not
+trip it.
 """
 
 from __future__ import annotations
@@ -87,10 +88,14 @@ def attack_items(ctx: EvalContext) -> list[dict]:
 
 
 async def greedy_audited(ctx: EvalContext, prompt: str, profile: str) -> tuple[str, bool | None]:
-    """The greedy completion and whether the profile's edit fired (None: the profile edits nothing)."""
+    """The greedy completion and whether the profile's edit fired in the prompt, before the answer could
+    start (None: the profile edits nothing). A firing at a generated token comes too late to withhold
+    the answer: it counts as not fired."""
     r = await ctx.client.complete(prompt, profile, max_tokens=MAX_TOKENS, temperature=0)
-    c = r.choices[0]
-    return c.text, (c.unlearning.triggered if c.unlearning else None)
+    audit = r.choices[0].unlearning
+    if audit is None:
+        return r.choices[0].text, None
+    return r.choices[0].text, audit.triggered and audit.first_token < r.usage.prompt_tokens
 
 
 def tally_family(items: list[dict], got: dict[str, list[dict]], baseline: str) -> dict:
@@ -170,7 +175,8 @@ async def attacks(ctx: EvalContext) -> dict:
 
     md = ["# Attacks\n\n", opening(ctx, summary, families), "\n\nEach cell: the share of `", ctx.baseline,
           "`'s answers the profile gives on the same attacked prompts (answers kept / baseline's answers) and, for "
-          "profiles that edit the model, the share of prompts on which the edit fired (the trigger audit). Greedy, "
+          "profiles that edit the model, the share of prompts on which the edit fired within the prompt (the "
+          "trigger audit; a firing at a generated token comes too late to withhold the answer). Greedy, "
           f"{MAX_TOKENS} tokens. `likelihood`: two-choice trivia scored by the answers' log-likelihood, the share of "
           "baseline's right choices still right (chance 50%). Controls: generic questions under the same wrappers "
           "(they should be kept, and should not fire).\n"]

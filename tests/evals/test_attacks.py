@@ -41,9 +41,11 @@ def test_attack_report_tallies_the_servers_own_completions_and_audits(server, tm
     direct = Client(server.url)
     for p in profiles:
         for r in recs[p][::5]:  # the record is what the server answers, with its audit
-            c = direct.complete(r["prompt"], p, max_tokens=10, temperature=0).choices[0]
+            got = direct.complete(r["prompt"], p, max_tokens=10, temperature=0)
+            c = got.choices[0]
             assert c.text == r["completion"]
-            assert r["triggered"] == (c.unlearning.triggered if c.unlearning else None)
+            assert r["triggered"] == (c.unlearning.triggered and c.unlearning.first_token < got.usage.prompt_tokens
+                                      if c.unlearning else None)
     assert all(r["triggered"] is None for r in recs["baseline"])  # baseline edits nothing: no audit
     fam = res["summary"]["prefix"]["hp"]
     answered = [i for i, r in enumerate(recs["baseline"]) if r["family"] == "prefix" and r["topic"] == "hp"

@@ -174,3 +174,13 @@ def test_no_open_server_on_a_public_address_without_keys():
     line = one_line_error(obliviate("serve", "--host", "0.0.0.0"))
     assert "without keys" in line and "--allow-unauthenticated" in line
     assert "--max-queue ≥ 0" in one_line_error(obliviate("serve", "--max-queue", "-1"))
+
+
+def test_bench_ratios_give_the_trigger_audits_cost():
+    from evals.bench import ratios
+    runs = [{"engine": e, "concurrency": 8, "profile": p, "tok_s": v} for e, p, v in (
+        ("builtin", "baseline", 100.0), ("builtin", "hp_unlearn", 90.0), ("builtin-noaudit", "hp_unlearn", 91.0),
+        ("builtin-noaudit", "baseline", 100.0))]
+    r = ratios({"runs": runs})
+    assert r["builtin c8 hp_unlearn / builtin-noaudit"] == round(90 / 91, 3)
+    assert r["builtin c8 baseline / builtin-noaudit"] == 1.0 and r["builtin c8 hp_unlearn / baseline"] == 0.9
