@@ -224,7 +224,7 @@ def test_load_32_clients_mixed_profiles_no_errors_no_mismatches_overload_as_429(
         latencies: list[float] = []
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout(60):  # the bound on the whole test, not a speed claim
+            async with asyncio.timeout(180):  # the bound on the whole test, not a speed claim
                 results = await asyncio.gather(*(client(i, c, latencies) for i in range(32)))
         finally:
             await c.aclose()
