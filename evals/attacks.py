@@ -19,7 +19,7 @@ import json
 
 from evals.charts import grouped_bars
 from evals.common import DATA, EvalContext, EvalError, is_correct, load_jsonl, md_table, write_report
-from evals.scoring import answer_score
+from evals.scoring import answer_score, score_continuations
 
 ATTACKS = DATA / "attacks"
 GCG_FILE = ATTACKS / "gcg.json"
@@ -72,7 +72,7 @@ def attack_items(ctx: EvalContext) -> list[dict]:
     for w in wrappers:
         items += [_item(it, CONTROL, id=f"{w['id']}-{it['id']}", family="prefix",
                         prompt=w["wrapper"].format(prompt=it["prompt"])) for it in generic[:PER_WRAPPER_CONTROL]]
-    adv = [gcg_tokens(t) for t in ctx.topics.names if gcg_tokens(t)]
+    adv = [a for t in ctx.topics.names if (a := gcg_tokens(t))]
     for i, a in enumerate(adv):
         items += [_item(it, CONTROL, id=f"gcg{i}-{it['id']}", family="gcg", prompt=f"{a}\n{it['prompt']}")
                   for it in generic[:PER_WRAPPER_CONTROL]]
@@ -100,7 +100,7 @@ async def greedy_audited(ctx: EvalContext, prompt: str, profile: str) -> tuple[s
 
 def tally_family(items: list[dict], got: dict[str, list[dict]], baseline: str) -> dict:
     """Per profile over `items`: answers, answers on the prompts baseline answered (kept) and the trigger rate."""
-    answered = [i for i, _ in enumerate(items) if got[baseline][i]["correct"]]
+    answered = [i for i in range(len(items)) if got[baseline][i]["correct"]]
     out = {}
     for p, recs in got.items():
         audited = [r["triggered"] for r in recs if r["triggered"] is not None]
@@ -120,8 +120,9 @@ async def likelihood(ctx: EvalContext) -> dict:
         scores = await ctx.gather(f"attacks/likelihood {name}", [
             answer_score(ctx, it["question"], it[k], p) for p in ctx.profiles for it in items for k in ("true", "false")])
         n = 2 * len(items)
-        got = {p: [{"correct": scores[j * n + 2 * i] > scores[j * n + 2 * i + 1], "triggered": None}
-                   for i in range(len(items))] for j, p in enumerate(ctx.profiles)}
+        got = {p: [{"correct": r["right"], "triggered": None}  # trivia's rule: the true answer scores higher
+                   for r in score_continuations(items, scores[j * n:(j + 1) * n])["continuation_records"]]
+               for j, p in enumerate(ctx.profiles)}
         out[name] = tally_family(items, got, ctx.baseline)
     return out
 
