@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from sae_lens import SAE
 
+from ablation.adapters import Adapter, AdapterEntry, check_adapter, load_adapter
 from ablation.edit import EditTensors, apply_edits
 from ablation.residual import Hookpoint, ResidualFn
 from ablation.sae_io import load_sae, sae_dims
@@ -32,7 +33,11 @@ class HookEntry:
     edit: EditTensors
 
 
-Compiled = list[tuple[Hookpoint, SAE, EditTensors]]  # a profile's interventions, SAEs loaded
+@dataclass
+class Compiled:
+    """A profile loaded: its interventions (SAEs loaded) and its adapter (None: none)."""
+    interventions: list[tuple[Hookpoint, SAE, EditTensors]]
+    adapter: Adapter | None = None
 
 
 class ProfileTable:
@@ -51,6 +56,9 @@ class ProfileTable:
         self.installed: list[ProfileSpec] = []  # index -> spec, removed ones included
         self.saes: dict[str, SAE] = {}  # one copy of each SAE, shared by the profiles that use it
         self.by_hook: dict[Hookpoint, list[HookEntry]] = {}
+        self.adapters: dict[str, Adapter] = {}  # one copy of each adapter, by folder
+        self.by_module: dict[str, list[AdapterEntry]] = {}  # adapted linear layer -> its profiles' weights
+        self.model: tuple[torch.nn.Module, str] | None = None  # (the model, its name), once adapters are checked
         self.dims: tuple[int, int] | None = None  # (layers, width) of the model, once checked
         self.retired: set[int] = set()  # removed profiles whose entries may still be in use
         for name, spec in profiles.items():
@@ -62,7 +70,7 @@ class ProfileTable:
 
     def compile(self, spec: ProfileSpec) -> Compiled:
         if not self.load:
-            return []
+            return Compiled([])
         out = []
         for iv in spec.interventions:
             if iv.sae not in self.saes:
@@ -71,17 +79,27 @@ class ProfileTable:
             out.append((Hookpoint.parse(iv.hookpoint), self.saes[iv.sae], edit))
         if self.dims:
             self._check(spec.name, out)
-        return out
+        adapter = None
+        if spec.adapter:
+            adapter = self.adapters.get(spec.adapter) or load_adapter(spec.adapter, self.device, self.dtype)
+            self.adapters[spec.adapter] = adapter
+            if self.model:
+                check_adapter(adapter, *self.model)
+        return Compiled(out, adapter)
 
-    def install(self, name: str, spec: ProfileSpec, compiled: Compiled) -> list[Hookpoint]:
-        """-> the hook points no profile used before (the engine hooks them)."""
+    def install(self, name: str, spec: ProfileSpec, compiled: Compiled) -> tuple[list[Hookpoint], list[str]]:
+        """-> the hook points and adapted modules no profile used before (the engine hooks them)."""
         i = len(self.installed)
         self.installed.append(spec)
         self.specs[name], self.index[name] = spec, i
-        new = [hp for hp, _, _ in compiled if hp not in self.by_hook]
-        for hp, sae, edit in compiled:
+        new = [hp for hp, _, _ in compiled.interventions if hp not in self.by_hook]
+        for hp, sae, edit in compiled.interventions:
             self.by_hook.setdefault(hp, []).append(HookEntry(i, sae, edit))
-        return new
+        modules = compiled.adapter.modules if compiled.adapter else {}
+        new_modules = [m for m in modules if m not in self.by_module]
+        for m, w in modules.items():
+            self.by_module.setdefault(m, []).append(AdapterEntry(i, w))
+        return new, new_modules
 
     def remove(self, name: str) -> int:
         """New requests can no longer use `name`; -> its index (requests that have it keep it)."""
@@ -94,10 +112,18 @@ class ProfileTable:
         """Drops the entries (and SAEs) of removed profiles that no request in `in_use` still has."""
         self.retired &= in_use
         keep = set(self.index.values()) | in_use
-        for entries in self.by_hook.values():
+        for entries in [*self.by_hook.values(), *self.by_module.values()]:
             entries[:] = [e for e in entries if e.profile in keep]  # in place: the hooks hold these lists
         used = {id(e.sae) for entries in self.by_hook.values() for e in entries}
         self.saes = {ref: sae for ref, sae in self.saes.items() if id(sae) in used}
+        kept = {self.installed[i].adapter for i in keep}
+        self.adapters = {ref: a for ref, a in self.adapters.items() if ref in kept}
+
+    def check_adapters(self, model: torch.nn.Module, served: str) -> None:
+        """Every adapter (and each one compiled later) against the model's linear layers."""
+        self.model = (model, served)
+        for adapter in self.adapters.values():
+            check_adapter(adapter, model, served)
 
     def guarded(self) -> torch.Tensor:
         """[installed + 1] bool: the profiles with the markup guard (the last entry: no profile)."""
@@ -116,7 +142,7 @@ class ProfileTable:
                         top = max((ed.feature for ed in iv.edits), default=-1)
                         self._fits(spec.name, Hookpoint.parse(iv.hookpoint), *dims, top)
 
-    def _check(self, name: str, compiled: Compiled) -> None:
+    def _check(self, name: str, compiled: list[tuple[Hookpoint, SAE, EditTensors]]) -> None:
         for hp, sae, edit in compiled:
             top = int(edit.features.max()) if edit.features.numel() else -1
             self._fits(name, hp, sae.cfg.d_in, sae.cfg.d_sae, top)

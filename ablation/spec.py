@@ -79,6 +79,9 @@ class ProfileSpec(_Strict):
     # model name this profile is for; None = any model
     model: str | None = None
     prefix: str = ""
+    # a LoRA adapter folder (peft format: ablation/adapters.py) applied to this profile's rows, alone or
+    # with the interventions (relative paths are resolved against the profile file's directory)
+    adapter: str | None = None
     interventions: list[Intervention] = []
     # once an edit with a `sequence` condition has switched on, tokens that open or close an HTML tag are
     # not sampled (ablation/guard.py): the replacement text cannot show `</strong>`-style debris
@@ -132,8 +135,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def resolve_sae_paths(spec: ProfileSpec, path: Path) -> ProfileSpec:
-    """SAE folders given relative to the profile file at `path`, made absolute (and checked to exist)."""
+    """SAE and adapter folders given relative to the profile file at `path`, made absolute (and checked to
+    exist)."""
     base = path.parent
+    adapter = spec.adapter
+    if adapter is not None:
+        adapter = str((base / adapter).resolve())
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise ProfileError(f"{path}: adapter directory {adapter} not found (no adapter_config.json)")
     fixed = []
     for iv in spec.interventions:
         sae = iv.sae
@@ -142,7 +151,7 @@ def resolve_sae_paths(spec: ProfileSpec, path: Path) -> ProfileSpec:
             if not (Path(sae) / "cfg.json").exists():
                 raise ProfileError(f"{path}: SAE directory {sae} not found (no cfg.json)")
         fixed.append(iv.model_copy(update={"sae": sae}))
-    return spec.model_copy(update={"interventions": fixed})
+    return spec.model_copy(update={"interventions": fixed, "adapter": adapter})
 
 
 def load_profile(path: str | Path) -> ProfileSpec:

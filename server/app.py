@@ -14,7 +14,7 @@ from ablation.hooks import ProfileTable
 from ablation.spec import load_profiles
 from models.loading import LoadedModel, ModelInfo, dtype_name, load_info, load_model
 from protocol.openai import ErrorInfo, ErrorResponse, first_error
-from server.engine.base import Engine
+from server.engine.base import Engine, refuse_adapter
 from server.engine.builtin import BuiltinEngine
 from server.errors import InvalidRequest, ObliviateError
 from server.keys import Keyring
@@ -103,6 +103,11 @@ def profile_table(settings: Settings, model: ModelInfo) -> ProfileTable:
     table = (ProfileTable(specs, model.device, model.dtype) if isinstance(model, LoadedModel)
              else ProfileTable(specs, load=False))
     table.check_model(model.n_layers, model.config.hidden_size)
+    if isinstance(model, LoadedModel):
+        table.check_adapters(model.model, model.name)
+    else:
+        for spec in specs.values():
+            refuse_adapter(spec, settings.engine)
     return table
 
 

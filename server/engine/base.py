@@ -18,6 +18,13 @@ from dataclasses import dataclass, replace
 
 from ablation.spec import ProfileSpec
 
+def refuse_adapter(spec: ProfileSpec, engine: str) -> None:
+    """For an engine that cannot serve LoRA adapters (yet): a clear error for a profile that names one."""
+    if spec.adapter:
+        raise ValueError(f"profile {spec.name!r} names an adapter ({spec.adapter}): adapter profiles are served by "
+                         f"the built-in engine (--engine builtin); the {engine} engine does not serve them yet")
+
+
 # below this a temperature is greedy (as in vLLM): dividing logits by it would overflow
 GREEDY_BELOW = 1e-5
 

@@ -20,6 +20,7 @@ from contextlib import ExitStack
 import torch
 
 from ablation.guard import guard_logits, markup_token_ids
+from ablation.adapters import ForwardContext, adapter_hooks
 from ablation.hooks import CONTEXT_KWARG, HookContext, ProfileTable
 from ablation.residual import decoder_layers, residual_hooks
 from ablation.spec import ProfileSpec
@@ -43,6 +44,7 @@ class BuiltinEngine(Engine):
         self.audit = audit  # the trigger audit: where each row's edit first fired
         self.model, self.tok = lm.model, lm.tokenizer
         table.check_model(lm.n_layers, lm.model.config.hidden_size)
+        table.check_adapters(lm.model, lm.name)
         self.eos_ids = lm.eos_ids
         self.windows = {getattr(layer.self_attn, "sliding_window", None) for layer in decoder_layers(self.model)}
         self.max_prefill_tokens = max_prefill_tokens
@@ -60,6 +62,7 @@ class BuiltinEngine(Engine):
         self._failure: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._installed = ExitStack()
+        self.running = ForwardContext(CONTEXT_KWARG)  # the forward's context, for the adapters' linear layers
         self._steps = 0
 
     # ---- interface ---------------------------------------------------------------------------
@@ -72,6 +75,8 @@ class BuiltinEngine(Engine):
         self.model.set_attn_implementation(ATTENTION)
         self._installed.callback(self.model.set_attn_implementation, previous)
         self._installed.enter_context(residual_hooks(self.model, self.table.layer_hooks()))
+        self._installed.enter_context(self.running.installed(self.model.model))
+        self._installed.enter_context(adapter_hooks(self.model, self.table.by_module, self.running))
         self._thread = threading.Thread(target=self._loop, name="obliviate-engine", daemon=True)
         self._thread.start()
 
@@ -109,9 +114,12 @@ class BuiltinEngine(Engine):
         compiled = await asyncio.to_thread(self.table.compile, spec)  # loads SAEs off the engine thread
 
         def install() -> None:
-            for hp in self.table.install(name, spec, compiled):
+            hookpoints, modules = self.table.install(name, spec, compiled)
+            for hp in hookpoints:
                 self.batch.fired[hp] = torch.zeros(self.batch.cache.slots, dtype=torch.bool, device=self.lm.device)
                 self._installed.enter_context(residual_hooks(self.model, self.table.layer_hooks([hp])))
+            if modules:
+                self._installed.enter_context(adapter_hooks(self.model, self.table.by_module, self.running, modules))
             self.guarded = self.table.guarded()
             self.banned = self._banned()
 

@@ -25,7 +25,7 @@ from ablation.guard import markup_token_ids
 from ablation.spec import ProfileSpec
 from models.loading import ModelInfo
 from server.engine.base import (ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob,
-    choices, drain)
+                                choices, drain, refuse_adapter)
 from server.engine.vllm_worker import AUDIT_KEY, PROFILE_KEY
 
 log = logging.getLogger("obliviate.vllm")
@@ -72,6 +72,7 @@ class VLLMEngine(Engine):
         log.info("vLLM workers serve profiles %s", sorted(self.served))
 
     async def add_profile(self, name: str, spec: ProfileSpec) -> None:
+        refuse_adapter(spec, self.name)
         got = await self.llm.collective_rpc("obliviate_add", args=(name, spec.model_dump()))
         errors = [g for g in got if isinstance(g, str)]
         if errors or len(set(got)) != 1:

@@ -179,7 +179,7 @@ class VLLMWorkerExtension:
             compiled = table.compile(parsed)
         except Exception as e:  # a bad SAE or a spec that does not fit the model: one line for the client
             return f"{type(e).__name__}: {e}"
-        index, new = len(table.installed), table.install(name, parsed, compiled)
+        index, (new, _) = len(table.installed), table.install(name, parsed, compiled)
         if new:
             hooks = table.layer_hooks(new, context=self._obliviate_contexts.running)
             self._obliviate_hooks.enter_context(residual_hooks(self.model_runner.get_model(), hooks, paired=True))

@@ -1,0 +1,140 @@
+"""LoRA adapter profiles (ablation/adapters.py) on the built-in engine, over HTTP: an adapter's logprobs
+equal peft's own model with the adapter merged into the weights (`merge_and_unload`), adapter, SAE and
+plain rows mixed in one batch equal each row alone, and an adapter that does not fit is refused with a
+clear error at start-up (and for the vLLM engine, which does not serve adapters yet)."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+from ablation.adapters import AdapterError, load_adapter
+from ablation.spec import ProfileError, load_profile
+from models.loading import load_info, load_model
+from server.app import profile_table
+from server.settings import Settings
+
+PROMPTS = ["Harry Potter and Ron Weasley took the train to", "The capital of France is",
+           "Water boils at a temperature of"]
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    """A random rank-4 LoRA on layers 3-5 made and saved by peft; -> (its folder, peft's merged model)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, layers_to_transform=[3, 4, 5],
+                     init_lora_weights=False)
+    peft_model = get_peft_model(load_model("gemma-3-270m", device="cpu", dtype="float32").model, cfg)  # a copy
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)  # a change that moves answers without wrecking the model
+    path = tmp_path_factory.mktemp("lora") / "rand"
+    peft_model.save_pretrained(path)
+    merged = peft_model.merge_and_unload().eval()
+    yield path, merged
+    del merged
+
+
+def add(url, name, **spec):
+    r = httpx.post(url + "/v1/profiles", json={"name": name, "model": "gemma-3-270m", **spec}, timeout=300)
+    assert r.status_code == 201, r.text
+
+
+def complete(url, prompt, profile, **kw):
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "profile": profile, **kw}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_adapter_logprobs_equal_the_merged_model(server, lm, lora):
+    path, merged = lora
+    add(server.url, "t_lora", adapter=str(path))
+    tok = lm.tokenizer
+    worst, changed = 0.0, 0
+    for prompt in PROMPTS:
+        got = complete(server.url, prompt, "t_lora", echo=True, max_tokens=1, logprobs=0)["logprobs"]
+        ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = merged(torch.tensor([ids])).logits[0].float()
+        want = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+        served = got["token_logprobs"][1:len(ids) - 1]  # the echoed prompt (its first token has none), then one more
+        assert len(served) == len(want) - 1
+        worst = max([worst] + [abs(a - b) for a, b in zip(served, want[1:])])
+        changed += complete(server.url, prompt, "t_lora")["text"] != complete(server.url, prompt, "baseline")["text"]
+    print(f"max |Δlogprob| served adapter vs peft merge_and_unload = {worst:.1e}; {changed}/{len(PROMPTS)} answers changed")
+    assert worst < 1e-3 and changed >= 1
+
+
+def test_adapter_sae_and_plain_rows_in_one_batch_equal_solo(server, lora, test_profiles_dir):
+    path, _ = lora
+    spec = load_profile(test_profiles_dir / "t_sequence.yaml").model_dump(mode="json")
+    add(server.url, "t_lora_seq", adapter=str(path), interventions=spec["interventions"])
+    add(server.url, "t_lora2", adapter=str(path))
+    profiles = ["baseline", "t_lora2", "hp_unlearn", "t_lora_seq", "t_sequence", "t_lora2"]
+    jobs = [(p, PROMPTS[j % len(PROMPTS)]) for j, p in enumerate(profiles * 2)]
+    solo = {job: complete(server.url, job[1], job[0])["text"] for job in set(jobs)}
+
+    async def together():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
+            async def one(j, p, prompt):
+                await asyncio.sleep(0.05 * j)  # later ones join a running batch
+                r = await http.post("/v1/completions", json={"prompt": prompt, "profile": p, "max_tokens": 8,
+                                                              "temperature": 0})
+                return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*(one(j, *job) for j, job in enumerate(jobs)))
+
+    for job, text in zip(jobs, asyncio.run(together())):
+        assert text == solo[job], job
+    both = [complete(server.url, p, "t_lora_seq")["text"] for p in PROMPTS]  # the adapter and the SAE edit apply
+    assert both != [complete(server.url, p, "t_lora2")["text"] for p in PROMPTS]
+    assert both != [complete(server.url, p, "t_sequence")["text"] for p in PROMPTS]
+
+
+def test_an_adapter_that_does_not_fit_is_refused_at_start_up(lm, lora, tmp_path):
+    path, _ = lora
+    cfg = json.loads((path / "adapter_config.json").read_text())
+
+    def variant(name, **changes):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+        (d / "adapter_model.safetensors").write_bytes((path / "adapter_model.safetensors").read_bytes())
+        return d
+
+    with pytest.raises(AdapterError, match="rank 4 is over the limit 2"):
+        load_adapter(path, max_rank=2)
+    with pytest.raises(AdapterError, match="use_dora not supported"):
+        load_adapter(variant("dora", use_dora=True))
+    with pytest.raises(AdapterError, match="adapter_model.safetensors not found"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "adapter_config.json").write_text(json.dumps(cfg))
+        load_adapter(tmp_path / "empty")
+
+    # an adapter for another model: its module shapes are not the served model's
+    from peft import LoraConfig, get_peft_model
+    small = torch.nn.Module()
+    small.model = torch.nn.Module()
+    small.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    small.model.layers[0].self_attn = torch.nn.Module()
+    small.model.layers[0].self_attn.q_proj = torch.nn.Linear(32, 32)
+    get_peft_model(small, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "other")
+    pdir = tmp_path / "profiles"
+    pdir.mkdir()
+    (pdir / "other.yaml").write_text("name: t_other\nadapter: ../other\n")
+    with pytest.raises(AdapterError, match=r"model.layers.0.self_attn.q_proj is \[32, 32\] but the model's is"):
+        profile_table(Settings(profiles=[pdir]), lm)
+    (pdir / "other.yaml").write_text("name: t_other\nadapter: ../nowhere\n")
+    with pytest.raises(ProfileError, match="adapter directory .*nowhere not found"):
+        profile_table(Settings(profiles=[pdir]), lm)
+
+    # the vLLM engine refuses adapter profiles before it starts
+    (pdir / "other.yaml").write_text(f"name: t_lora\nadapter: {path}\n")
+    with pytest.raises(ValueError, match="served by the built-in engine"):
+        profile_table(Settings(profiles=[pdir], engine="vllm"), load_info("gemma-3-270m"))
