@@ -60,7 +60,8 @@ def load_adapter(path: str | Path, device: torch.device | str = "cpu", dtype: to
         raise AdapterError(f"adapter {path}: cannot read it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter {path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are served")
-    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "alpha_pattern", "rank_pattern") if cfg.get(k)]
+    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "alpha_pattern", "rank_pattern", "lora_bias",
+                               "modules_to_save", "layer_replication") if cfg.get(k)]
     if cfg.get("bias", "none") != "none":
         unsupported.append(f"bias={cfg['bias']}")
     if unsupported:

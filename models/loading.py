@@ -49,6 +49,12 @@ class ModelInfo:
     def max_len(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 8192))
 
+    def skeleton(self) -> torch.nn.Module:
+        """The model's modules on the meta device (shapes, no weights): what a process that does not load
+        the weights (the vLLM engine's server process) checks adapters against."""
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.config)
+
 
 @dataclass
 class LoadedModel(ModelInfo):

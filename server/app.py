@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ablation.hooks import ProfileTable
-from ablation.spec import load_profiles
+from ablation.spec import ProfileSpec, load_profiles
 from models.loading import LoadedModel, ModelInfo, dtype_name, load_info, load_model
 from protocol.openai import ErrorInfo, ErrorResponse, first_error
-from server.engine.base import Engine, refuse_adapter
+from server.engine.base import Engine, LoraOptions
 from server.engine.builtin import BuiltinEngine
 from server.errors import InvalidRequest, ObliviateError
 from server.keys import Keyring
@@ -85,7 +85,8 @@ def make_engine(settings: Settings, model, table: ProfileTable) -> Engine:
         return VLLMEngine(model, table.specs, dtype=dtype_name(settings.dtype, settings.device), max_batch_size=settings.max_batch_size,
                           max_model_len=min(settings.max_model_len, model.max_len),
                           tensor_parallel_size=settings.tensor_parallel_size,
-                          data_parallel_size=settings.data_parallel_size, audit=settings.trigger_audit)
+                          data_parallel_size=settings.data_parallel_size, audit=settings.trigger_audit,
+                          lora=lora_options(settings, table.specs))
     return BuiltinEngine(model, table, settings.max_batch_size, audit=settings.trigger_audit)
 
 
@@ -105,10 +106,15 @@ def profile_table(settings: Settings, model: ModelInfo) -> ProfileTable:
     table.check_model(model.n_layers, model.config.hidden_size)
     if isinstance(model, LoadedModel):
         table.check_adapters(model.model, model.name)
-    else:
-        for spec in specs.values():
-            refuse_adapter(spec, settings.engine)
+    else:  # vLLM loads the adapters itself: each is checked here against the model's shapes (on the meta device)
+        lora_options(settings, specs).check(list(specs.values()), model)
     return table
+
+
+def lora_options(settings: Settings, specs: dict[str, ProfileSpec]) -> LoraOptions:
+    """vLLM's LoRA: on with --enable-lora or when a served profile names an adapter."""
+    return LoraOptions(settings.enable_lora or any(s.adapter for s in specs.values()), settings.max_loras,
+                       settings.max_lora_rank)
 
 
 def build_app(settings: Settings, model: ModelInfo | None = None, table: ProfileTable | None = None,

@@ -26,6 +26,11 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch-size", type=int, help="most sequences decoded together (default 32)")
     p.add_argument("--tensor-parallel-size", type=int, help="vllm engine: GPUs per model replica")
     p.add_argument("--data-parallel-size", type=int, help="vllm engine: model replicas")
+    p.add_argument("--enable-lora", action="store_true", default=None,
+                   help="vllm engine: serve LoRA adapter profiles added at run time (on by itself when a served "
+                        "profile names an adapter)")
+    p.add_argument("--max-loras", type=int, help="vllm engine: adapters in one batch (default 4)")
+    p.add_argument("--max-lora-rank", type=int, help="vllm engine: the largest adapter rank (default 16)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--cache-dir", type=Path, help="where the embedded model is prepared once")
     p.add_argument("--chat-template", help="for /v1/chat/completions: a Jinja file or a shipped template (gemma); "

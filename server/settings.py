@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     trigger_audit: bool = True  # each choice of an editing profile says whether its edit fired (and /metrics counts it)
     tensor_parallel_size: int = 1  # vllm engine only
     data_parallel_size: int = 1  # vllm engine only
+    # LoRA adapter profiles on the vLLM engine (its per-request LoRA): on when a served profile names an adapter,
+    # or with enable_lora for adapter profiles added at run time; adapters held at once, the largest rank
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
     max_model_len: int = 2048
     cache_dir: Path = default_cache_dir()
     chat_template: str | None = None  # a Jinja file or a shipped name (models/templates); default: the model's
@@ -69,6 +74,8 @@ def check_serve(settings: Settings, api_key_flag: bool) -> None:
         raise CLIError("--replicas must be ≥ 0 and --max-replicas ≥ --replicas")
     if settings.max_replicas and not settings.replicas:
         raise CLIError("--max-replicas needs --replicas (the least number of replicas)")
+    if settings.max_loras < 1 or not 1 <= settings.max_lora_rank <= 512:
+        raise CLIError("--max-loras must be ≥ 1 and --max-lora-rank in [1, 512]")
     if settings.engine == "builtin" and (settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1):
         raise CLIError("--tensor-parallel-size and --data-parallel-size need --engine vllm")
     loopback = settings.host in ("127.0.0.1", "localhost", "::1")

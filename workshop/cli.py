@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -18,7 +19,8 @@ from server.cli import comma_list
 from server.errors import CLIError
 from workshop.corpus import DATA, FICTION, CorpusError, read_texts
 from workshop.inputs import UnlearnError, read_files, read_inputs
-from workshop.recipe import CONDITION, DEV_DOCS, GENERATED, GENERIC_RETAIN, KS, MARKUP_GUARD, OUTLIERS, Goals
+from workshop.recipe import (ADAPTER_SCALES, CONDITION, DEV_DOCS, GENERATED, GENERIC_RETAIN, KS, MARKUP_GUARD, METHODS,
+                             OUTLIERS, Goals, TrainConfig)
 
 
 def add_sae(sub) -> None:
@@ -215,6 +217,9 @@ def add_unlearn(sub) -> None:
     p.add_argument("--dev-prompts", type=Path,
                    help="JSONL {prompt, answers, set: forget|generic|nearby} to choose the profile by")
     p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--method", choices=["sae", *METHODS], default="sae",
+                   help="sae: ablate SAE features (default); rmu or graddiff: train a LoRA adapter (the fine-tuned "
+                        "comparators, workshop/finetune.py) and choose its strength (--scales) by the same rules")
     p.add_argument("--sae", help="SAE directory or release:sae_id (default: the shipped SAE)")
     p.add_argument("--out", type=Path, default=Path("profiles"), help="where NAME.yaml goes (default ./profiles)")
     p.add_argument("--generic-retain", type=int, default=GENERIC_RETAIN,
@@ -226,8 +231,18 @@ def add_unlearn(sub) -> None:
     p.add_argument("--outliers", type=comma_list(int), default=list(OUTLIERS),
                    help="retain texts a feature may peak above its threshold in, leaving out odd tokens in the "
                         f"Wikipedia summaries (comma-separated, each a candidate; default {','.join(map(str, OUTLIERS))})")
-    p.add_argument("--scales", type=comma_list(float), default=[1.0], help="clamp values to try, as multiples of each feature's mean "
-                   "activation (comma-separated; default 1)")
+    p.add_argument("--scales", type=comma_list(float), help="sae: clamp values to try, as multiples of each feature's "
+                   "mean activation (default 1); rmu/graddiff: strengths of the adapter's update to try (default "
+                   f"{','.join(map(str, ADAPTER_SCALES))}); comma-separated")
+    t = TrainConfig()
+    p.add_argument("--steps", type=int, default=t.steps, help=f"rmu/graddiff: training steps (default {t.steps})")
+    p.add_argument("--lr", type=float, default=t.lr, help=f"rmu/graddiff: learning rate (default {t.lr})")
+    p.add_argument("--rank", type=int, default=t.rank, help=f"rmu/graddiff: LoRA rank (default {t.rank})")
+    p.add_argument("--layer", type=int, default=t.layer, help=f"rmu: the layer misdirected (default {t.layer})")
+    p.add_argument("--steer", type=float, default=t.steer,
+                   help=f"rmu: the target's norm in mean activation norms (default {t.steer})")
+    p.add_argument("--retain-weight", type=float, default=t.retain_weight,
+                   help=f"rmu/graddiff: weight of the retain loss (default {t.retain_weight})")
     p.add_argument("--condition", choices=["sequence", "sequence_active", "token"], default=CONDITION,
                    help=f"where each candidate clamps (ablation/spec.py; default {CONDITION})")
     p.add_argument("--generated", choices=["same", "zero", "off"], default=GENERATED,
@@ -252,7 +267,12 @@ def add_unlearn(sub) -> None:
 def cmd_unlearn(args) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name):
         raise CLIError(f"profile name {args.name!r}: use letters, digits, _ . - (at most 64)")
-    scales, ks, outliers = tuple(args.scales), tuple(args.ks), tuple(sorted(set(args.outliers)))
+    scales = tuple(args.scales or ([1.0] if args.method == "sae" else ADAPTER_SCALES))
+    ks, outliers = tuple(args.ks), tuple(sorted(set(args.outliers)))
+    if args.method != "sae" and (args.steps < 1 or args.lr <= 0 or not 1 <= args.rank <= 64
+                                 or args.steer <= 0 or args.retain_weight < 0):
+        raise CLIError("need --steps ≥ 1, --lr > 0, --rank in [1, 64] (the largest served), --steer > 0 and "
+                       "--retain-weight ≥ 0")
     if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0 or not ks or min(ks) < 1 \
             or not outliers or min(outliers) < 0:
         raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0, --ks ≥ 1, --outliers ≥ 0 and --scales > 0")
@@ -281,25 +301,38 @@ def cmd_unlearn(args) -> int:
     from ablation.sae_io import SAELoadError, shipped_sae
     from ablation.spec import ProfileError
     from models.loading import ModelLoadError, load_model
-    from workshop.unlearn import final_profile, report, run, summary
+    from workshop.unlearn import final_profile, report, run, run_finetuned, summary
 
-    try:
-        lm = load_model(args.model, device="cpu", dtype="float32")
-        with tempfile.TemporaryDirectory() as work:
-            result = run(lm, args.name, inputs, args.sae or shipped_sae(), Path(work), args.docs, args.generic_retain,
-                         scales, ks, outliers, goals, args.condition, args.generated, args.markup_guard)
-    except (UnlearnError, SAELoadError, ModelLoadError, ProfileError) as e:
-        raise CLIError(str(e)) from None
-    print(summary(result))
-    if result.chosen is None:
-        raise CLIError(f"no candidate met the goals ({result.goals}; table above): give retain text closer to what "
-                       f"was lost, or more specific forget text, or loosen a goal (--max-fluency-drop …)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.yaml"
-    spec = final_profile(args.name, result, inputs)
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            lm = load_model(args.model, device="cpu", dtype="float32")
+            if args.method == "sae":
+                result = run(lm, args.name, inputs, args.sae or shipped_sae(), Path(work), args.docs,
+                             args.generic_retain, scales, ks, outliers, goals, args.condition, args.generated,
+                             args.markup_guard)
+            else:
+                cfg = TrainConfig(args.method, args.layer, args.rank, args.steps, lr=args.lr, steer=args.steer,
+                                  retain_weight=args.retain_weight)
+                result = run_finetuned(lm, args.name, inputs, Path(work), cfg, scales, args.docs, args.generic_retain,
+                                       goals)
+        except (UnlearnError, SAELoadError, ModelLoadError, ProfileError, ValueError) as e:
+            raise CLIError(str(e)) from None
+        print(summary(result))
+        if result.chosen is None:
+            raise CLIError(f"no candidate met the goals ({result.goals}; table above): give retain text closer to "
+                           f"what was lost, or more specific forget text, or loosen a goal (--max-fluency-drop …)")
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"{args.name}.yaml"
+        spec = final_profile(args.name, result, inputs)
+        if spec.adapter:  # the chosen strength's adapter goes next to the profile, which names it relatively
+            folder = args.out / f"{args.name}.adapter"
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(spec.adapter, folder)
+            shutil.copyfile(result.trained.path / "training.json", folder / "training.json")
+            spec = spec.model_copy(update={"adapter": folder.name})
     path.write_text(spec.to_yaml())
-    n = len(spec.interventions[0].edits)
-    print(f"\nwrote {path} ({n} features) in {time.perf_counter() - t0:.0f} s; "
+    what = f"adapter {args.out / spec.adapter}" if spec.adapter else f"{len(spec.interventions[0].edits)} features"
+    print(f"\nwrote {path} ({what}) in {time.perf_counter() - t0:.0f} s; "
           f"serve it with: obliviate serve --profiles {args.out}")
     if args.report:
         try:

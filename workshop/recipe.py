@@ -33,3 +33,25 @@ class Goals:
     def __str__(self) -> str:
         return (f"generic >= {self.generic:.0%}, nearby >= {self.nearby:.0%} of baseline, loss <= +{self.loss_pct:g}%, "
                 f"forget fluency >= baseline's - {self.fluency_drop:g} nats/token")
+
+
+# the fine-tuned comparators (`obliviate unlearn --method rmu|graddiff`, workshop/finetune.py)
+METHODS = ("rmu", "graddiff")
+# the strengths of a trained adapter's update tried on the dev prompts (its lora_alpha scaled)
+ADAPTER_SCALES = (0.5, 1.0, 1.5)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "rmu"
+    layer: int = 6  # rmu: the layer whose output the forget text is misdirected at (the shipped SAE's, L6)
+    rank: int = 8
+    steps: int = 80
+    batch: int = 4  # windows of forget and of retain text per step
+    window: int = 64  # tokens per window (BOS + 63)
+    lr: float = 1e-3
+    steer: float = 2.0  # rmu: the target's norm, in mean activation norms at `layer`
+    retain_weight: float = 4.0  # rmu: weight of keeping retain activations; graddiff: of the retain loss
+    seed: int = 0
+
+

@@ -16,6 +16,10 @@ to a profile that forgets it.
    baseline's answers and adding <= 2% loss (on a tie, the one with fewer features, then the stricter
    threshold, then the more fluent forget completions) is written as NAME.yaml, with its numbers in the notes.
    Without dev prompts: the largest k within the loss bound.
+
+`--method rmu|graddiff` makes the fine-tuned comparators the same way: a LoRA adapter is trained on the
+same forget and retain text (workshop/finetune.py), its candidates are the adapter at several strengths
+(`--scales` of its update), and they are served, scored and chosen by the same rules.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from evals.cli import run_reports
 from evals.common import md_table
 from server.live import LiveServer
 from server.settings import Settings
+from workshop.corpus import wiki_summaries
 from workshop.discover import FeatureScore, clamp_profile, feature_acts, layer_of, rank, retain_sets
 from workshop.inputs import SETS, Inputs, UnlearnError
 from workshop.recipe import CONDITION, DEV_DOCS, GENERATED, GENERIC_RETAIN, KS, MARKUP_GUARD, OUTLIERS, Goals
+from workshop.finetune import TrainConfig, Trained, scaled_copy, train
 from workshop.scoring import Scores, score
 
 EDITS = {"sequence": "clamped negative for the rest of the sequence once one fires",
@@ -76,6 +82,7 @@ class UnlearnRun:
     outliers: list[int] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     goals: Goals = Goals()
+    trained: Trained | None = None  # the fine-tuned methods: the adapter the candidates scale
 
     @property
     def baseline(self) -> Outcome:
@@ -153,8 +160,8 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
                            f"above its highest activation on the retain text: give more (or more specific) forget "
                            f"text, retain text further from the topic, or another SAE (--sae) trained on text that "
                            f"contains the topic (`obliviate sae train --topic FILE`)")
-    work.mkdir(parents=True, exist_ok=True)
     candidates: dict[str, Candidate] = {}
+    work.mkdir(parents=True, exist_ok=True)
     for n in outliers:
         for k in sorted({min(k, max(map(len, rankings[n]))) for k in ks}):
             chosen = top_of_each(rankings[n], k)
@@ -164,26 +171,63 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
                 spec = clamp_profile(cand, lm.name, sae_ref, hook, chosen, True, condition, scale, cand,
                                      generated=generated, markup_guard=markup_guard)
                 candidates[cand] = Candidate(cand, spec, k, n, scale)
-                (work / f"{cand}.yaml").write_text(spec.to_yaml())
+    outcomes, chosen, why = evaluate(lm, work, candidates, inputs, n_docs, goals)
+    return UnlearnRun(sae_ref, hook, outcomes, chosen, why, sorted({c.k for c in candidates.values()}),
+                      list(outliers), list(scales), goals)
+
+
+def evaluate(lm, work: Path, candidates: dict[str, Candidate], inputs: Inputs, n_docs: int,
+             goals: Goals) -> tuple[dict[str, Outcome], str | None, dict[str, str]]:
+    """Writes the candidates' profiles into `work`, serves and scores them beside baseline, and chooses."""
+    for name, c in candidates.items():
+        (work / f"{name}.yaml").write_text(c.spec.to_yaml())
     with serving(lm, work) as srv:
         scores = asyncio.run(score(srv.url, ["baseline", *candidates], inputs.dev or {}, n_docs))
     base_ce = scores["baseline"].ce
     outcomes = {p: Outcome(s, 100 * (s.ce - base_ce) / base_ce, candidates.get(p)) for p, s in scores.items()}
     chosen, why = choose(outcomes, list(candidates), goals)
-    return UnlearnRun(sae_ref, hook, outcomes, chosen, why, sorted({c.k for c in candidates.values()}),
-                      list(outliers), list(scales), goals)
+    return outcomes, chosen, why
+
+
+def run_finetuned(lm, name: str, inputs: Inputs, work: Path, cfg: TrainConfig, scales: tuple[float, ...],
+                  n_docs: int = DEV_DOCS, n_wiki: int = GENERIC_RETAIN, goals: Goals = Goals()) -> UnlearnRun:
+    """Trains the adapter (on every forget file together; retain: the files + Wikipedia summaries), then
+    serves, scores and chooses among its strengths."""
+    work.mkdir(parents=True, exist_ok=True)
+    retain = [t for texts in inputs.retain for t in texts] + [t for _, t in wiki_summaries("train")[:n_wiki]]
+    trained = train(lm.name, [t for texts in inputs.forget for t in texts], retain, work / "adapter", cfg)
+    candidates = {}
+    for scale in scales:
+        cand = f"{name}__s{scale:g}"
+        path = scaled_copy(trained.path, work / f"{cand}.adapter", scale)
+        spec = ProfileSpec(name=cand, model=lm.name, adapter=str(path),
+                           description=f"{cfg.method} adapter at {scale:g}x its trained strength")
+        candidates[cand] = Candidate(cand, spec, 0, 0, scale)
+    outcomes, chosen, why = evaluate(lm, work, candidates, inputs, n_docs, goals)
+    return UnlearnRun(cfg.method, "", outcomes, chosen, why, [], [], list(scales), goals, trained)
 
 
 def final_profile(name: str, result: UnlearnRun, inputs: Inputs) -> ProfileSpec:
     """The chosen candidate under its own name, with how it was chosen in its notes."""
     o, base = result.outcomes[result.chosen], result.baseline
     c = o.candidate
-    iv = c.spec.interventions[0]
     dev = ", ".join(f"{s} {o.answers(s)}/{base.answers(s)} of baseline's" for s in SETS
                     if s in base.scores.answers) or "no dev prompts"
     if o.scores.fluency is not None and base.scores.fluency is not None:
         dev += (f"; forget completions' fluency {o.scores.fluency:.2f} nats/token (baseline's "
                 f"{base.scores.fluency:.2f})")
+    sources = (f"forget: {' + '.join(str(len(t)) for t in inputs.forget)} texts; retain: "
+               f"{sum(map(len, inputs.retain))} texts in {len(inputs.retain)} files + Wikipedia")
+    if result.trained:
+        t = result.trained
+        description = (f"{name}: a LoRA adapter trained by {t.config.method} to unlearn the forget text, at "
+                       f"{c.scale:g}x its trained strength. Made by `obliviate unlearn --method {t.config.method}`.")
+        notes = (f"Chosen from strengths {result.scales} ({sources}). Dev answers: {dev}; loss added "
+                 f"{o.loss_pct:+.2f}% (CE on held-out Wikipedia summaries). Goals: {result.goals}. Training: "
+                 + t.notes())
+        return c.spec.model_copy(update={"name": name, "description": description,
+                                         "metadata": ProfileMetadata(version=1, notes=notes)})
+    iv = c.spec.interventions[0]
     each = f" of each of the {len(inputs.forget)} forget topics" if len(inputs.forget) > 1 else ""
     left_out = f" once the {c.outliers} retain texts where each peaks highest are left out" if c.outliers else ""
     description = (f"{name}: the top {c.k} features{each} of {result.sae} that fire on the forget text "
@@ -193,9 +237,7 @@ def final_profile(name: str, result: UnlearnRun, inputs: Inputs) -> ProfileSpec:
                    ". Made by `obliviate unlearn`.")
     chosen_from = f"k in {result.ks}" + "".join(f" and {what} in {getattr(result, what)}"
                                                 for what in ("outliers", "scales") if len(getattr(result, what)) > 1)
-    notes = (f"Chosen from {chosen_from} (ceiling ranking; forget: "
-             f"{' + '.join(str(len(t)) for t in inputs.forget)} texts; retain: "
-             f"{sum(map(len, inputs.retain))} texts in {len(inputs.retain)} files + Wikipedia). Dev answers: {dev}; "
+    notes = (f"Chosen from {chosen_from} (ceiling ranking; {sources}). Dev answers: {dev}; "
              f"loss added {o.loss_pct:+.2f}% (CE on held-out Wikipedia summaries). Goals: {result.goals}. "
              f"Features: " + c.spec.metadata.notes)
     return c.spec.model_copy(update={"name": name, "description": description,
@@ -212,11 +254,12 @@ def summary(result: UnlearnRun) -> str:
                 f"baseline's forget prompts: the SAE may have few features for this topic (its training text must "
                 f"contain the topic: `obliviate sae train --topic FILE`), or try larger --scales")
     cell = lambda v: "—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    header = ["profile", "k", *sets] + (["forget fluency"] if "forget" in base else []) + ["CE", "loss added", ""]
+    header = ["profile", "scale" if result.trained else "k", *sets] + (["forget fluency"] if "forget" in base else []) + ["CE", "loss added", ""]
     rows = []
     for p, o in result.outcomes.items():
         mark = "chosen" if p == result.chosen else result.why.get(p, "")
-        rows.append([p, o.candidate.k if o.candidate else 0, *(o.answers(s) for s in sets)] +
+        knob = (o.candidate.scale if result.trained else o.candidate.k) if o.candidate else 0
+        rows.append([p, knob, *(o.answers(s) for s in sets)] +
                     ([cell(o.scores.fluency)] if "forget" in base else []) +
                     [f"{o.scores.ce:.4f}", f"{o.loss_pct:+.2f}%", mark])
     return md_table(header, rows).rstrip("\n") + warn

@@ -16,13 +16,26 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+from ablation.adapters import check_adapter, load_adapter
 from ablation.spec import ProfileSpec
+from models.loading import ModelInfo
 
-def refuse_adapter(spec: ProfileSpec, engine: str) -> None:
-    """For an engine that cannot serve LoRA adapters (yet): a clear error for a profile that names one."""
-    if spec.adapter:
-        raise ValueError(f"profile {spec.name!r} names an adapter ({spec.adapter}): adapter profiles are served by "
-                         f"the built-in engine (--engine builtin); the {engine} engine does not serve them yet")
+@dataclass(frozen=True)
+class LoraOptions:
+    """An engine's own per-request LoRA (vLLM's): on or off, adapters in one batch, the largest rank."""
+    enabled: bool = False
+    max_loras: int = 4
+    max_rank: int = 16
+
+    def check(self, specs: list[ProfileSpec], model: ModelInfo) -> None:
+        """Each adapter the specs name against these limits and the model's shapes (a ValueError that says
+        which), before the engine gets it."""
+        paths = sorted({s.adapter for s in specs if s.adapter})
+        if paths and not self.enabled:
+            raise ValueError(f"adapter profiles need LoRA: start the server with --enable-lora ({paths[0]})")
+        skeleton = model.skeleton() if paths else None
+        for path in paths:
+            check_adapter(load_adapter(path, max_rank=self.max_rank), skeleton, model.name)
 
 
 # below this a temperature is greedy (as in vLLM): dividing logits by it would overflow

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from vllm import AsyncEngineArgs
 from vllm import SamplingParams as VSamplingParams
+from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -25,7 +26,7 @@ from ablation.guard import markup_token_ids
 from ablation.spec import ProfileSpec
 from models.loading import ModelInfo
 from server.engine.base import (ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob,
-                                choices, drain, refuse_adapter)
+                                LoraOptions, choices, drain)
 from server.engine.vllm_worker import AUDIT_KEY, PROFILE_KEY
 
 log = logging.getLogger("obliviate.vllm")
@@ -36,11 +37,14 @@ class VLLMEngine(Engine):
 
     def __init__(self, model: ModelInfo, profiles: dict[str, ProfileSpec], *, dtype: str | None = None,
                  max_batch_size: int = 32, max_model_len: int = 2048, tensor_parallel_size: int = 1,
-                 data_parallel_size: int = 1, kv_cache_gib: int = 4, audit: bool = True):
+                 data_parallel_size: int = 1, kv_cache_gib: int = 4, audit: bool = True,
+                 lora: LoraOptions = LoraOptions()):
         self.model, self.specs = model, dict(profiles)
         self.options = dict(dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len,
                             tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
         self.kv_cache_gib = kv_cache_gib
+        self.lora = lora  # vLLM's per-request LoRA serves the adapter profiles
+        self._lora_ids: dict[str, int] = {}  # adapter folder -> its LoRARequest id (one per folder, from 1)
         self.audit = audit  # the trigger audit: the workers keep where each request's edit fired; read at its end
         self.llm = None
         self._stats = _Stats()
@@ -62,7 +66,8 @@ class VLLMEngine(Engine):
             tensor_parallel_size=o["tensor_parallel_size"], data_parallel_size=o["data_parallel_size"],
             enforce_eager=True,  # compiled graphs skip Python hooks
             enable_prefix_caching=True, worker_extension_cls="server.engine.vllm_worker.VLLMWorkerExtension",
-            disable_log_stats=False)
+            disable_log_stats=False, enable_lora=self.lora.enabled,
+            **(dict(max_loras=self.lora.max_loras, max_lora_rank=self.lora.max_rank) if self.lora.enabled else {}))
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.factory])
         payload = {n: s.model_dump() for n, s in self.specs.items()}
         banned = markup_token_ids(self.model.tokenizer)
@@ -72,7 +77,7 @@ class VLLMEngine(Engine):
         log.info("vLLM workers serve profiles %s", sorted(self.served))
 
     async def add_profile(self, name: str, spec: ProfileSpec) -> None:
-        refuse_adapter(spec, self.name)
+        await asyncio.to_thread(self.lora.check, [spec], self.model)
         got = await self.llm.collective_rpc("obliviate_add", args=(name, spec.model_dump()))
         errors = [g for g in got if isinstance(g, str)]
         if errors or len(set(got)) != 1:
@@ -176,11 +181,15 @@ class VLLMEngine(Engine):
             seed=params.seed, stop=list(params.stop) or None, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
             prompt_logprobs=(params.logprobs or 0) if params.prompt_logprobs else None,
             output_kind=RequestOutputKind.DELTA, extra_args={PROFILE_KEY: profile, AUDIT_KEY: rid})
+        adapter = self.specs[profile].adapter
+        lora = LoRARequest(adapter, self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1), adapter) \
+            if adapter else None
         n_ctx, n_prompt = len(prompt.context_ids), len(prompt.input_ids)
         audited = self.audit and bool(self.specs[profile].interventions)
         generated, first = 0, True
         try:
-            async for ro in self.llm.generate({"prompt_token_ids": prompt.input_ids, "cache_salt": salt}, sp, rid):
+            async for ro in self.llm.generate({"prompt_token_ids": prompt.input_ids, "cache_salt": salt}, sp, rid,
+                                              lora_request=lora):
                 c = ro.outputs[0]
                 if c.finish_reason == "abort":
                     raise EngineError("vLLM aborted the request")

@@ -127,7 +127,7 @@ class VLLMWorkerExtension:
         runner = self.model_runner
         model = runner.get_model()
         weight = next(model.parameters())
-        specs = {name: ProfileSpec.model_validate(spec) for name, spec in profiles.items()}
+        specs = {name: _hooked(spec) for name, spec in profiles.items()}
         table = ProfileTable(specs, weight.device, weight.dtype)
         config = model.config
         table.check_model(config.num_hidden_layers, config.hidden_size)
@@ -175,7 +175,7 @@ class VLLMWorkerExtension:
         error message (returned, not raised: the engine goes on serving)."""
         table = self._obliviate
         try:
-            parsed = ProfileSpec.model_validate(spec)
+            parsed = _hooked(spec)
             compiled = table.compile(parsed)
         except Exception as e:  # a bad SAE or a spec that does not fit the model: one line for the client
             return f"{type(e).__name__}: {e}"
@@ -199,3 +199,8 @@ class VLLMWorkerExtension:
         if table.index.get(name) == index:
             table.remove(name)
         return table.names
+
+
+def _hooked(spec: dict) -> ProfileSpec:
+    """What the hooks apply of a profile: all but its adapter (vLLM's own LoRA applies that)."""
+    return ProfileSpec.model_validate({**spec, "adapter": None})

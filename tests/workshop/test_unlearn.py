@@ -156,3 +156,29 @@ def test_unlearn_command_on_small_inputs_writes_a_profile_that_serves(tmp_path):
     assert "Chosen from k in [1, 3] and outliers in [0, 2]" in spec.metadata.notes
     assert "Dev answers: forget" in spec.metadata.notes and "forget completions' fluency" in spec.metadata.notes
     assert table[0].startswith("| profile | k | forget | generic | nearby | forget fluency | CE |")
+
+
+def test_unlearn_method_rmu_trains_an_adapter_that_serves(tmp_path):
+    """The fine-tuned comparator on small inputs: a few RMU steps, two strengths served and scored, the
+    chosen adapter written next to its profile (named relatively, so the folder can move)."""
+    forget = write(tmp_path / "forget.txt", HP[:12])
+    dev = dev_file(tmp_path / "dev.jsonl", {"forget": 4, "generic": 3, "nearby": 3})
+    out = tmp_path / "profiles"
+    r = subprocess.run([sys.executable, "-m", "cli", "unlearn", "hp_tiny", "--method", "rmu", "--forget", str(forget),
+                        "--retain", str(DATA / "fiction_retain.txt"), "--dev-prompts", str(dev), "--generic-retain",
+                        "20", "--docs", "2", "--steps", "6", "--scales", "0.5,1", "--max-fluency-drop", "10",
+                        "--max-loss", "100", "--min-generic", "0", "--min-nearby", "0", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
+    assert table[0].startswith("| profile | scale | forget | generic | nearby |")
+    assert sorted(ln.split(" | ")[0][2:] for ln in table[1:]) == ["baseline", "hp_tiny__s0.5", "hp_tiny__s1"]
+    spec = load_profile(out / "hp_tiny.yaml")
+    assert spec.adapter == str((out / "hp_tiny.adapter").resolve()) and not spec.interventions
+    assert "hp_tiny.adapter" in (out / "hp_tiny.yaml").read_text()  # relative in the file
+    training = json.loads((out / "hp_tiny.adapter" / "training.json").read_text())
+    assert training["config"]["method"] == "rmu" and len(training["history"]) == 6
+    assert "rmu: MLP LoRA rank 8 on layers 4-6" in spec.metadata.notes and "Dev answers: forget" in spec.metadata.notes
+    bad = subprocess.run([sys.executable, "-m", "cli", "unlearn", "x", "--method", "rmu", "--forget", str(forget),
+                          "--retain", str(DATA / "fiction_retain.txt"), "--rank", "100"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--rank in [1, 64]" in bad.stderr and "Traceback" not in bad.stderr
