@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from ablation.residual import decoder_layers
 from models.loading import load_model
@@ -81,8 +82,6 @@ def _until(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
 def train(model_name: str, forget: list[str], retain: list[str], out: Path, cfg: TrainConfig = TrainConfig(),
           log=print) -> Trained:
     """Trains the adapter on a copy of the model of its own and saves it to `out` (a peft folder)."""
-    from peft import LoraConfig, get_peft_model  # deferred: only training needs peft's model wrapping
-
     if cfg.method not in METHODS:
         raise ValueError(f"method {cfg.method!r}: one of {', '.join(METHODS)}")
     torch.manual_seed(cfg.seed)
