@@ -3,9 +3,12 @@ files that point at them (never shipped as served profiles), and the Transformer
 
 from __future__ import annotations
 
+import asyncio
+
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import torch
 import yaml
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
@@ -125,3 +128,17 @@ def metric(url: str, name: str, **labels) -> float:
     text = httpx.get(url + "/metrics").text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def staggered_texts(url: str, jobs: list[tuple[str, str]], max_tokens: int) -> list[str]:
+    """Greedy texts of (profile, prompt) jobs sent together, each 50 ms after the one before (so later ones
+    join a running batch)."""
+    async def together():
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            async def one(j, p, prompt):
+                await asyncio.sleep(0.05 * j)
+                r = await http.post("/v1/completions", json={"prompt": prompt, "profile": p, "max_tokens": max_tokens,
+                                                              "temperature": 0})
+                return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*(one(j, *job) for j, job in enumerate(jobs)))
+    return asyncio.run(together())

@@ -3,8 +3,8 @@
 - **rmu** (Representation Misdirection, Li et al. 2024, the WMDP paper): the MLPs of layers L-2..L learn to
   map the forget text's activations at layer L onto one fixed random direction (scaled to `steer` times the
   activations' mean norm there), while the retain text's activations stay where the frozen model puts them.
-- **graddiff** (gradient difference): the next-token loss goes up on the forget text and down on the retain
-  text, through LoRA on every layer's MLP.
+- **graddiff** (gradient difference): the next-token loss goes up on the forget text (until it is twice
+  where it started) and down on the retain text, through LoRA on every layer's MLP.
 
 Both read the same inputs as the SAE method (forget files, retain files + Wikipedia summaries) in packed
 windows of `window` tokens, and write a peft folder (adapter_config.json + adapter_model.safetensors) that
@@ -42,8 +42,8 @@ class Trained:
         what = (f"MLP LoRA rank {c.rank} on layers {c.layer - 2}-{c.layer}, forget activations at layer {c.layer} sent "
                 f"to a random direction of {c.steer:g}x their mean norm, retain weight {c.retain_weight:g}"
                 if c.method == "rmu" else
-                f"MLP LoRA rank {c.rank} on every layer, forget loss ascended, retain loss (weight {c.retain_weight:g}) "
-                f"descended")
+                f"MLP LoRA rank {c.rank} on every layer, forget loss ascended (up to twice its start), retain loss "
+                f"(weight {c.retain_weight:g}) descended")
         fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items())  # noqa: E731
         return (f"{c.method}: {what}; {c.steps} steps of {c.batch}+{c.batch} windows of {c.window} tokens "
                 f"({self.windows.get('forget', 0)} forget, {self.windows.get('retain', 0)} retain windows), AdamW "
@@ -115,6 +115,7 @@ def train(model_name: str, forget: list[str], retain: list[str], out: Path, cfg:
         return d[torch.tensor(rng.sample(range(len(d)), cfg.batch))]
 
     history: list[dict[str, float]] = []
+    cap = 0.0
     t0 = time.perf_counter()
     model.train()
     for step in range(cfg.steps):
@@ -126,8 +127,10 @@ def train(model_name: str, forget: list[str], retain: list[str], out: Path, cfg:
             hr = _until(base, cfg.layer, r)[:, 1:]
             lf = ((hf - target) ** 2).sum(-1).mean() / (target ** 2).sum()
             lr_ = ((hr - h0) ** 2).sum(-1).mean() / (h0 ** 2).sum(-1).mean()
-        else:
-            lf = -model(input_ids=f, labels=f).loss
+        else:  # the forget loss is ascended only up to twice where it started: past that, ascent breaks the model
+            ce = model(input_ids=f, labels=f).loss
+            cap = cap if step else 2 * ce.item()
+            lf = -ce.clamp(max=cap)
             lr_ = model(input_ids=r, labels=r).loss
         loss = lf + cfg.retain_weight * lr_
         opt.zero_grad()

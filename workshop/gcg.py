@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ablation.adapters import ForwardContext, adapter_hooks
 from ablation.hooks import CONTEXT_KWARG, HookContext, ProfileTable
 from ablation.residual import residual_hooks
 from ablation.spec import ProfileSpec
@@ -45,6 +46,8 @@ class ProfiledModel:
         self.lm, self.model = lm, lm.model
         self.table = ProfileTable({spec.name: spec})
         self.table.check_model(lm.n_layers, lm.model.config.hidden_size)
+        self.table.check_adapters(self.model, lm.name)
+        self.running = ForwardContext(CONTEXT_KWARG)  # for an adapter profile's linear layers
         self.embed = self.model.get_input_embeddings()
         self.scale = getattr(self.embed, "embed_scale", None)  # Gemma scales its embeddings inside the module
 
@@ -56,7 +59,8 @@ class ProfiledModel:
         seq = torch.arange(b).repeat_interleave(s)
         pos = torch.arange(s).repeat(b)
         ctx = HookContext.build(torch.zeros(b * s, dtype=torch.long), seq, pos, {}, embeds.device)
-        with residual_hooks(self.model, self.table.layer_hooks()):
+        with residual_hooks(self.model, self.table.layer_hooks()), self.running.installed(self.model.model), \
+                adapter_hooks(self.model, self.table.by_module, self.running):
             hidden = self.model.model(inputs_embeds=x, position_ids=pos.view(b, s), use_cache=False,
                                       **{CONTEXT_KWARG: ctx}).last_hidden_state
         t = targets.shape[1]

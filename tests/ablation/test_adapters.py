@@ -3,7 +3,6 @@ peft's own model with the adapter merged into the weights (`merge_and_unload`); 
 per-request LoRA) gives the same greedy tokens; adapter, SAE and plain rows mixed in one batch equal each
 row alone on both engines; an adapter that does not fit is refused with a clear error at start-up."""
 
-import asyncio
 import json
 
 import httpx
@@ -15,6 +14,7 @@ from ablation.spec import ProfileError, load_profile
 from models.loading import load_info, load_model
 from server.app import profile_table
 from server.settings import Settings
+from tests.helpers import staggered_texts
 
 PROMPTS = ["Harry Potter and Ron Weasley took the train to", "The capital of France is",
            "Water boils at a temperature of"]
@@ -103,16 +103,7 @@ def test_adapter_sae_and_plain_rows_in_one_batch_equal_solo(adapter_servers, eng
     jobs = [(p, PROMPTS[j % len(PROMPTS)]) for j, p in enumerate(profiles * 2)]
     solo = {job: complete(server.url, job[1], job[0])["text"] for job in set(jobs)}
 
-    async def together():
-        async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
-            async def one(j, p, prompt):
-                await asyncio.sleep(0.05 * j)  # later ones join a running batch
-                r = await http.post("/v1/completions", json={"prompt": prompt, "profile": p, "max_tokens": 8,
-                                                              "temperature": 0})
-                return r.json()["choices"][0]["text"]
-            return await asyncio.gather(*(one(j, *job) for j, job in enumerate(jobs)))
-
-    for job, text in zip(jobs, asyncio.run(together())):
+    for job, text in zip(jobs, staggered_texts(server.url, jobs, 8)):
         assert text == solo[job], job
     both = [complete(server.url, p, "t_lora_seq")["text"] for p in PROMPTS]  # the adapter and the SAE edit apply
     assert both != [complete(server.url, p, "t_lora2")["text"] for p in PROMPTS]

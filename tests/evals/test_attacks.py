@@ -80,6 +80,13 @@ def test_the_searchs_loss_is_the_servers_and_the_search_lowers_it(server, lm, hp
     assert res.history[0] == pytest.approx(mine, abs=1e-4)
     assert all(a >= b for a, b in zip(res.history, res.history[1:])) and res.loss == res.history[-1]
     assert tok(res.text, add_special_tokens=False).input_ids == res.ids  # replayed as text, searched as ids
+    # an adapter profile (the fine-tuned comparator) is searched through its adapter too
+    rmu = ProfiledModel(lm, load_profiles([default_profiles_dir()], "gemma-3-270m")["hp_rmu"])
+    with torch.no_grad():
+        theirs = float(rmu.losses(rmu.embed.weight[torch.tensor([ids])], torch.tensor([ans]), at)[0])
+    lps = httpx.post(server.url + "/v1/completions", json={**body, "profile": "hp_rmu"},
+                     timeout=120).json()["choices"][0]["logprobs"]
+    assert theirs == pytest.approx(-sum(lps["token_logprobs"][-len(ans):]) / len(ans), abs=1e-3)
 
 
 def test_attack_cli_errors_are_one_line(tmp_path):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.helpers import metric
+from tests.helpers import metric, staggered_texts
 
 PROMPTS = [
     "Harry Potter goes to school at",
@@ -74,16 +74,7 @@ def test_mixed_profile_batch_rows_equal_solo_rows(vllm_server):
     jobs = [(p, PROMPTS[j % len(PROMPTS)]) for j, p in enumerate(profiles * 2)]
     solo = {job: complete(vllm_server.url, job[1], job[0], max_tokens=10)["text"] for job in set(jobs)}
 
-    async def together():
-        async with httpx.AsyncClient(base_url=vllm_server.url, timeout=300) as http:
-            async def one(j, p, prompt):
-                await asyncio.sleep(0.05 * j)  # later ones join a running batch
-                r = await http.post("/v1/completions", json={"prompt": prompt, "profile": p, "max_tokens": 10,
-                                                              "temperature": 0})
-                return r.json()["choices"][0]["text"]
-            return await asyncio.gather(*(one(j, *job) for j, job in enumerate(jobs)))
-
-    for job, text in zip(jobs, asyncio.run(together())):
+    for job, text in zip(jobs, staggered_texts(vllm_server.url, jobs, 10)):
         assert text == solo[job], job
 
 
