@@ -33,11 +33,11 @@ def mean_probs(dists: list[dict[str, float]]) -> dict[str, float]:
 def reference_of(profile: str, specs: dict[str, dict], baseline: str = "baseline") -> str | None:
     """What an unlearning profile is compared with, as the study's figure 3 did: `baseline` when every
     intervention keeps the SAE error (only the edited features move the residual), else the plain SAE
-    reconstruction at the same hook points (a profile with the same SAEs and no edits). None: not an
-    unlearning profile (no edits)."""
+    reconstruction at the same hook points (a profile with the same SAEs and no edits); `baseline` for
+    an adapter profile without SAE edits. None: not an unlearning profile (no edits, no adapter)."""
     ivs = (specs.get(profile) or {}).get("interventions") or []
     if not any(iv.get("edits") for iv in ivs):
-        return None
+        return baseline if (specs.get(profile) or {}).get("adapter") else None
     if all(iv.get("keep_error") for iv in ivs):
         return baseline
     where = {(iv["hookpoint"], iv["sae"]) for iv in ivs}

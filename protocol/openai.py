@@ -270,6 +270,7 @@ class ProfileCard(BaseModel):
     description: str = ""
     model: str | None = None
     prefix: str = ""
+    adapter: str | None = None  # the LoRA adapter folder the profile applies (None: none)
     interventions: list[dict[str, Any]] = []
     version: int = 1
 

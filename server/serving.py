@@ -64,7 +64,7 @@ class CompletionServing:
 
     def card(self, name: str) -> ProfileCard:
         s = self.specs[name]
-        return ProfileCard(name=name, description=s.description, model=s.model, prefix=s.prefix,
+        return ProfileCard(name=name, description=s.description, model=s.model, prefix=s.prefix, adapter=s.adapter,
                            interventions=[iv.model_dump() for iv in s.interventions], version=s.metadata.version)
 
     # ---- runtime profiles (server/admin.py changes the engine first, then these) ----------------
@@ -165,8 +165,9 @@ class CompletionServing:
         return spec
 
     def _inline_spec(self, data: dict) -> ProfileSpec:
-        """An inline profile spec, checked as a profile file is; its SAEs must be ones served profiles use
-        (by their reference, or by the SAE folder's name)."""
+        """An inline profile spec, checked as a profile file is; its SAEs and adapter must be ones served
+        profiles use (by their reference, or by the folder's name): a request never makes the server read
+        a file of its choosing."""
         spec = self.spec_from({"name": INLINE, **data}, param="profile")
         known = {iv.sae: iv.sae for s in self.specs.values() for iv in s.interventions}
         known |= {Path(ref).name: ref for ref in list(known) if Path(ref).is_absolute()}
@@ -177,7 +178,13 @@ class CompletionServing:
                                      f"{', '.join(sorted(k for k in known if not Path(k).is_absolute()))}",
                                      param="profile", code="unknown_sae")
             fixed.append(iv.model_copy(update={"sae": known[iv.sae]}))
-        return spec.model_copy(update={"interventions": fixed})
+        adapters = {s.adapter for s in self.specs.values() if s.adapter}
+        adapters = {a: a for a in adapters} | {Path(a).name: a for a in adapters}
+        if spec.adapter is not None and spec.adapter not in adapters:
+            raise InvalidRequest(f"inline profile: adapter {shown(spec.adapter)} is not one this server has; its "
+                                 f"adapters: {', '.join(sorted(k for k in adapters if not Path(k).is_absolute())) or 'none'}",
+                                 param="profile", code="unknown_adapter")
+        return spec.model_copy(update={"interventions": fixed, "adapter": adapters.get(spec.adapter)})
 
     def _tokens(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids if text else []

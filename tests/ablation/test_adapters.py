@@ -70,6 +70,10 @@ def test_adapter_logprobs_equal_the_merged_model(server, lm, lora):
         changed += complete(server.url, prompt, "t_lora")["text"] != complete(server.url, prompt, "baseline")["text"]
     print(f"max |Δlogprob| served adapter vs peft merge_and_unload = {worst:.1e}; {changed}/{len(PROMPTS)} answers changed")
     assert worst < 1e-3 and changed >= 1
+    # inline, by a served adapter's folder name; never a folder the server does not already serve
+    assert complete(server.url, PROMPTS[0], {"adapter": path.name})["text"] == complete(server.url, PROMPTS[0], "t_lora")["text"]
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "profile": {"adapter": str(path.parent)}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_adapter", r.text
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +84,8 @@ def adapter_servers(server, vllm_server, lora, test_profiles_dir):
     for s in (server, vllm_server):
         add(s.url, "t_lora_seq", adapter=str(path), interventions=spec["interventions"])
         add(s.url, "t_lora2", adapter=str(path))
+        cards = {c["name"]: c for c in httpx.get(s.url + "/v1/profiles", timeout=60).json()["data"]}
+        assert cards["t_lora2"]["adapter"] == str(path) and cards["hp_unlearn"]["adapter"] is None
     return server, vllm_server
 
 

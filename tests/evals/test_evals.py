@@ -166,6 +166,7 @@ def test_shipped_profiles_references():
     assert scoring.reference_of("hp_unlearn", specs) == "baseline"  # keeps the SAE error
     assert scoring.reference_of("hp_unlearn_zero", specs) == "sae_only"  # zeroes inside the reconstruction
     assert scoring.reference_of("sae_only", specs) is None and scoring.reference_of("prompted", specs) is None
+    assert scoring.reference_of("hp_rmu", specs) == "baseline"  # an adapter profile edits the weights
 
 
 def test_server_without_prompt_logprobs_gets_a_clear_message(tmp_path):
