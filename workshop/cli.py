@@ -20,7 +20,7 @@ from server.errors import CLIError
 from workshop.corpus import DATA, FICTION, CorpusError, read_texts
 from workshop.inputs import UnlearnError, read_files, read_inputs
 from workshop.recipe import (ADAPTER_SCALES, CONDITION, DEV_DOCS, GENERATED, GENERIC_RETAIN, KS, MARKUP_GUARD, METHODS,
-                             OUTLIERS, Goals, TrainConfig)
+                             OUTLIERS, AdapterConfig, Goals)
 
 
 def add_sae(sub) -> None:
@@ -234,7 +234,7 @@ def add_unlearn(sub) -> None:
     p.add_argument("--scales", type=comma_list(float), help="sae: clamp values to try, as multiples of each feature's "
                    "mean activation (default 1); rmu/graddiff: strengths of the adapter's update to try (default "
                    f"{','.join(map(str, ADAPTER_SCALES))}); comma-separated")
-    t = TrainConfig()
+    t = AdapterConfig()
     p.add_argument("--steps", type=int, default=t.steps, help=f"rmu/graddiff: training steps (default {t.steps})")
     p.add_argument("--lr", type=float, default=t.lr, help=f"rmu/graddiff: learning rate (default {t.lr})")
     p.add_argument("--rank", type=int, default=t.rank, help=f"rmu/graddiff: LoRA rank (default {t.rank})")
@@ -311,7 +311,7 @@ def cmd_unlearn(args) -> int:
                              args.generic_retain, scales, ks, outliers, goals, args.condition, args.generated,
                              args.markup_guard)
             else:
-                cfg = TrainConfig(args.method, args.layer, args.rank, args.steps, lr=args.lr, steer=args.steer,
+                cfg = AdapterConfig(args.method, args.layer, args.rank, args.steps, lr=args.lr, steer=args.steer,
                                   retain_weight=args.retain_weight)
                 result = run_finetuned(lm, args.name, inputs, Path(work), cfg, scales, args.docs, args.generic_retain,
                                        goals)

@@ -26,12 +26,13 @@ from peft import LoraConfig, get_peft_model
 
 from ablation.residual import decoder_layers
 from models.loading import load_model
-from workshop.recipe import METHODS, TrainConfig
+from workshop.recipe import METHODS, AdapterConfig
+from workshop.train import token_chunks
 
 @dataclass
 class Trained:
     path: Path
-    config: TrainConfig
+    config: AdapterConfig
     seconds: float
     first: dict[str, float]  # the first step's losses
     last: dict[str, float]  # the mean of the last 10 steps'
@@ -49,15 +50,6 @@ class Trained:
                 f"({self.windows.get('forget', 0)} forget, {self.windows.get('retain', 0)} retain windows), AdamW "
                 f"lr {c.lr:g}, seed {c.seed}; {self.seconds:.0f} s on CPU. Loss first step: {fmt(self.first)}; "
                 f"last 10 steps: {fmt(self.last)}.")
-
-
-def windows(tok, texts: list[str], n: int) -> torch.Tensor:
-    """The texts' tokens end to end, cut into rows [W, n] that each start with BOS."""
-    stream: list[int] = []
-    for t in texts:
-        stream += tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    rows = [[tok.bos_token_id] + stream[i:i + n - 1] for i in range(0, len(stream) - (n - 1) + 1, n - 1)]
-    return torch.tensor(rows, dtype=torch.long)
 
 
 class _Reached(Exception):
@@ -79,7 +71,7 @@ def _until(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
     raise RuntimeError(f"layer {layer} was not reached")
 
 
-def train(model_name: str, forget: list[str], retain: list[str], out: Path, cfg: TrainConfig = TrainConfig(),
+def train(model_name: str, forget: list[str], retain: list[str], out: Path, cfg: AdapterConfig = AdapterConfig(),
           log=print) -> Trained:
     """Trains the adapter on a copy of the model of its own and saves it to `out` (a peft folder)."""
     if cfg.method not in METHODS:
@@ -96,7 +88,8 @@ def train(model_name: str, forget: list[str], retain: list[str], out: Path, cfg:
     base = lm.model  # peft puts the LoRA layers into it in place
     model = get_peft_model(base, peft_cfg)
     model.peft_config["default"].base_model_name_or_path = model_name
-    data = {"forget": windows(lm.tokenizer, forget, cfg.window), "retain": windows(lm.tokenizer, retain, cfg.window)}
+    data = {name: torch.tensor(token_chunks(lm.tokenizer, texts, cfg.window), dtype=torch.long)
+            for name, texts in (("forget", forget), ("retain", retain))}
     if min(len(d) for d in data.values()) < cfg.batch:
         raise ValueError(f"too little text for batches of {cfg.batch} windows of {cfg.window} tokens "
                          f"({len(data['forget'])} forget, {len(data['retain'])} retain windows)")

@@ -42,7 +42,7 @@ ADAPTER_SCALES = (0.5, 1.0, 1.5)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class AdapterConfig:
     method: str = "rmu"
     layer: int = 6  # rmu: the layer whose output the forget text is misdirected at (the shipped SAE's, L6)
     rank: int = 8

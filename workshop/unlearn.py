@@ -38,7 +38,7 @@ from workshop.corpus import wiki_summaries
 from workshop.discover import FeatureScore, clamp_profile, feature_acts, layer_of, rank, retain_sets
 from workshop.inputs import SETS, Inputs, UnlearnError
 from workshop.recipe import CONDITION, DEV_DOCS, GENERATED, GENERIC_RETAIN, KS, MARKUP_GUARD, OUTLIERS, Goals
-from workshop.finetune import TrainConfig, Trained, scaled_copy, train
+from workshop.finetune import AdapterConfig, Trained, scaled_copy, train
 from workshop.scoring import Scores, score
 
 EDITS = {"sequence": "clamped negative for the rest of the sequence once one fires",
@@ -189,7 +189,7 @@ def evaluate(lm, work: Path, candidates: dict[str, Candidate], inputs: Inputs, n
     return outcomes, chosen, why
 
 
-def run_finetuned(lm, name: str, inputs: Inputs, work: Path, cfg: TrainConfig, scales: tuple[float, ...],
+def run_finetuned(lm, name: str, inputs: Inputs, work: Path, cfg: AdapterConfig, scales: tuple[float, ...],
                   n_docs: int = DEV_DOCS, n_wiki: int = GENERIC_RETAIN, goals: Goals = Goals()) -> UnlearnRun:
     """Trains the adapter (on every forget file together; retain: the files + Wikipedia summaries), then
     serves, scores and chooses among its strengths."""
