@@ -15,9 +15,12 @@ layout of a packed prefill or of vLLM's batches. Only the `sequence` condition n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from sae_lens import SAE
+
+if TYPE_CHECKING:  # deferred: the type only (sae_lens, with transformer_lens, takes 13 s to import)
+    from sae_lens import SAE
 
 from ablation.spec import Intervention
 

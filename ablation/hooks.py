@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from sae_lens import SAE
+
+if TYPE_CHECKING:  # deferred: the type only (sae_lens, with transformer_lens, takes 13 s to import)
+    from sae_lens import SAE
 
 from ablation.adapters import Adapter, AdapterEntry, check_adapter, load_adapter
 from ablation.edit import EditTensors, apply_edits

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from sae_lens import SAE
+
+if TYPE_CHECKING:  # deferred: the type only; load_sae imports sae_lens (13 s with transformer_lens)
+    from sae_lens import SAE
 
 
 class SAELoadError(ValueError):
@@ -34,6 +38,9 @@ def load_sae(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) 
     Releases load by name so sae_lens folds their norm scaling factor into the weights
     (gemma-2b-res-jb needs ≈0.2138; the raw folder without it reconstructs wrongly).
     """
+    # deferred: a process that loads no SAE (vLLM's front end, the command line) never imports sae_lens
+    from sae_lens import SAE
+
     dtype_name = str(dtype).removeprefix("torch.")
     path = Path(ref)
     if path.is_dir():

@@ -2,7 +2,7 @@
 
 For each engine it starts `obliviate serve` in a subprocess (or uses --server URL), then runs a fixed
 workload (the prompts below, greedy, --tokens new tokens each) at each concurrency for each profile
-(`mix` cycles through the others request by request). In the same run, with no server running, it
+(`mix` cycles request by request through --mix, by default the other profiles). In the same run, with no server running, it
 times plain HF `generate` at batch --hf-batch on the same prompts: the reference the ratios use.
 It also sends a 4-token request while a 200-token one runs and records how far the long one got.
 Writes bench.json, bench.md and bench.png under --out.
@@ -51,6 +51,8 @@ def add_bench(sub) -> None:
     p.add_argument("--concurrency", type=comma_list(int), default=[1, 8, 32])
     p.add_argument("--profiles", type=comma_list(),
                    default=["baseline", "hp_unlearn", "sae_only", "mix"])
+    p.add_argument("--mix", type=comma_list(), help="the profiles the `mix` row cycles through, request by request "
+                   "(default: the other --profiles)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--requests", type=int, default=2, help="requests per client (at least 4 in all)")
     p.add_argument("--hf-batch", type=int, default=8, help="plain HF generate at this batch (0: skip)")
@@ -121,7 +123,7 @@ async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: s
 
 
 async def _workload(url: str, engine: str, levels: list[int], profiles: list[str], args) -> list[dict]:
-    mix = [p for p in profiles if p != "mix"] or ["baseline"]
+    mix = args.mix or [p for p in profiles if p != "mix"] or ["baseline"]
     out = []
     bar = tqdm(total=sum(max(4, c * args.requests) for c in levels) * len(profiles), desc=f"bench {engine}",
                unit="req")

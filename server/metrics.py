@@ -1,8 +1,14 @@
-"""Prometheus metrics, prefixed `obliviate_` and labelled by profile. One registry per app."""
+"""Prometheus metrics, prefixed `obliviate_` and labelled by profile. One registry per app; several
+processes' metrics (Ray Serve replicas) are shown in one scrape by `merged`, each sample labelled with
+the process it came from."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine.base import Engine
 
@@ -11,7 +17,9 @@ TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, scrape: Callable[[Metrics], Awaitable[bytes]] | None = None) -> None:
+        """`scrape`: what /metrics answers (default: this registry alone; Ray Serve: every replica's)."""
+        self.scrape = scrape or own_exposition
         self.registry = r = CollectorRegistry()
         self.requests = Counter("obliviate_requests", "Completion requests served, by profile, HTTP status and "
                                 "key name (`none` without keys)", ["profile", "status", "key"], registry=r)
@@ -48,3 +56,28 @@ class Metrics:
         self.waiting.set_function(lambda: engine.stats().waiting)
         self.steps.set_function(lambda: engine.stats().steps)
         self.prefix_hits.set_function(lambda: engine.stats().prefix_cache_hits)
+
+
+async def own_exposition(metrics: Metrics) -> bytes:
+    return generate_latest(metrics.registry)
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merged(expositions: dict[str, str], label: str = "replica") -> bytes:
+    """One exposition of several processes' (text format, keyed by process name): each family once, its
+    samples from every process with `label` naming the process."""
+    families: dict[str, Metric] = {}
+    for name, text in expositions.items():
+        for fam in text_string_to_metric_families(text):
+            into = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+            into.samples += [s._replace(labels={**s.labels, label: name}) for s in fam.samples]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

@@ -7,31 +7,80 @@ ingress of a Serve deployment, one app and one engine per replica behind Ray's H
 
 Each replica builds the app from the same settings (the same profile folders and keys file), limits
 its torch threads, and names itself in every response's `obliviate-replica` header. Ray Serve
-restarts a replica whose process dies; requests sent meanwhile go to the live ones.
+restarts a replica whose process dies; requests sent meanwhile go to the live ones. /metrics on any
+replica shows every live replica's metrics, each sample labelled `replica` (each replica serves its own
+registry on a port of its node and lists it with a named actor, the board; a scrape reads them all).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 
+import httpx
 import ray
 import torch
 from fastapi import FastAPI, Request
+from prometheus_client import start_wsgi_server
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 
 from server.app import build_app
+from server.metrics import Metrics, merged
 from server.settings import Settings, check_serve
 
 REPLICA_HEADER = "obliviate-replica"
+BOARD = "obliviate-metrics"  # the named actor in the `obliviate` namespace
+
+
+@ray.remote(num_cpus=0)
+class MetricsBoard:
+    """Each live replica's metrics address, by replica name."""
+
+    def __init__(self) -> None:
+        self.targets: dict[str, str] = {}
+
+    def put(self, name: str, url: str) -> None:
+        self.targets[name] = url
+
+    def drop(self, name: str) -> None:
+        self.targets.pop(name, None)
+
+    def all(self) -> dict[str, str]:
+        return dict(self.targets)
+
+
+def replica_metrics(name: str) -> Metrics:
+    """This replica's metrics: its registry served on a free port of its node and put on the board; its
+    /metrics answers with every replica's on the board (a replica that no longer answers is taken off)."""
+    board = MetricsBoard.options(name=BOARD, namespace="obliviate", get_if_exists=True,
+                                 lifetime="detached").remote()
+
+    async def scrape(_: Metrics) -> bytes:
+        targets = await board.all.remote()
+        async with httpx.AsyncClient(timeout=10) as client:
+            got = await asyncio.gather(*(client.get(url) for url in targets.values()), return_exceptions=True)
+        texts = {}
+        for replica, r in zip(targets, got):
+            if isinstance(r, httpx.Response) and r.status_code == 200:
+                texts[replica] = r.text
+            elif isinstance(r, httpx.ConnectError):  # its process is gone
+                board.drop.remote(replica)
+        return merged(texts)
+
+    metrics = Metrics(scrape)
+    ip = ray.util.get_node_ip_address()
+    httpd, _ = start_wsgi_server(0, addr=ip, registry=metrics.registry)
+    board.put.remote(name, f"http://{ip}:{httpd.server_port}/metrics")
+    return metrics
 
 
 def replica_app(settings: Settings) -> FastAPI:
     """The app one replica serves (built on the replica, where its model loads)."""
     if settings.replica_threads:
         torch.set_num_threads(settings.replica_threads)
-    app = build_app(settings)
     name = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"
+    app = build_app(settings, metrics=replica_metrics(name))
     app.state.replica = name
 
     @app.middleware("http")

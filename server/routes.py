@@ -9,7 +9,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from protocol.openai import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
     ModelList, ProfileCard, ProfileList, TokenizeRequest, TokenizeResponse, TokenizerInfo)
@@ -137,4 +137,5 @@ async def health(s: Serving) -> JSONResponse:
 
 @ops.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    metrics = request.app.state.metrics
+    return Response(await metrics.scrape(metrics), media_type=CONTENT_TYPE_LATEST)

@@ -15,7 +15,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ablation.spec import ProfileSpec, model_matches
-from models.loading import ModelInfo, chat_template
+from models.loading import ModelInfo
+from models.names import chat_template
 from protocol.openai import (ChatCompletionRequest, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ModelCard, ModelList, ProfileCard, ProfileList, SamplingFields, TokenizeRequest,
     TokenizeResponse, TokenizerInfo, first_error)

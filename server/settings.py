@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ablation.spec import default_profiles_dir
-from models.loading import DEFAULT_MODEL, default_cache_dir
+from models.names import DEFAULT_MODEL, default_cache_dir
 from server.errors import CLIError
 
 

@@ -218,7 +218,7 @@ def add_unlearn(sub) -> None:
                    help="JSONL {prompt, answers, set: forget|generic|nearby} to choose the profile by")
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--method", choices=["sae", *METHODS], default="sae",
-                   help="sae: ablate SAE features (default); rmu or graddiff: train a LoRA adapter (the fine-tuned "
+                   help="sae: ablate SAE features (default); rmu, graddiff or npo: train a LoRA adapter (the fine-tuned "
                         "comparators, workshop/finetune.py) and choose its strength (--scales) by the same rules")
     p.add_argument("--sae", help="SAE directory or release:sae_id (default: the shipped SAE)")
     p.add_argument("--out", type=Path, default=Path("profiles"), help="where NAME.yaml goes (default ./profiles)")
@@ -232,17 +232,18 @@ def add_unlearn(sub) -> None:
                    help="retain texts a feature may peak above its threshold in, leaving out odd tokens in the "
                         f"Wikipedia summaries (comma-separated, each a candidate; default {','.join(map(str, OUTLIERS))})")
     p.add_argument("--scales", type=comma_list(float), help="sae: clamp values to try, as multiples of each feature's "
-                   "mean activation (default 1); rmu/graddiff: strengths of the adapter's update to try (default "
+                   "mean activation (default 1); rmu/graddiff/npo: strengths of the adapter's update to try (default "
                    f"{','.join(map(str, ADAPTER_SCALES))}); comma-separated")
     t = AdapterConfig()
-    p.add_argument("--steps", type=int, default=t.steps, help=f"rmu/graddiff: training steps (default {t.steps})")
-    p.add_argument("--lr", type=float, default=t.lr, help=f"rmu/graddiff: learning rate (default {t.lr})")
-    p.add_argument("--rank", type=int, default=t.rank, help=f"rmu/graddiff: LoRA rank (default {t.rank})")
+    p.add_argument("--steps", type=int, default=t.steps, help=f"adapters: training steps (default {t.steps})")
+    p.add_argument("--lr", type=float, default=t.lr, help=f"adapters: learning rate (default {t.lr})")
+    p.add_argument("--rank", type=int, default=t.rank, help=f"adapters: LoRA rank (default {t.rank})")
     p.add_argument("--layer", type=int, default=t.layer, help=f"rmu: the layer misdirected (default {t.layer})")
     p.add_argument("--steer", type=float, default=t.steer,
                    help=f"rmu: the target's norm in mean activation norms (default {t.steer})")
     p.add_argument("--retain-weight", type=float, default=t.retain_weight,
-                   help=f"rmu/graddiff: weight of the retain loss (default {t.retain_weight})")
+                   help=f"rmu/graddiff/npo: weight of the retain loss (default {t.retain_weight})")
+    p.add_argument("--beta", type=float, default=t.beta, help=f"npo: its inverse temperature (default {t.beta})")
     p.add_argument("--condition", choices=["sequence", "sequence_active", "token"], default=CONDITION,
                    help=f"where each candidate clamps (ablation/spec.py; default {CONDITION})")
     p.add_argument("--generated", choices=["same", "zero", "off"], default=GENERATED,
@@ -270,9 +271,9 @@ def cmd_unlearn(args) -> int:
     scales = tuple(args.scales or ([1.0] if args.method == "sae" else ADAPTER_SCALES))
     ks, outliers = tuple(args.ks), tuple(sorted(set(args.outliers)))
     if args.method != "sae" and (args.steps < 1 or args.lr <= 0 or not 1 <= args.rank <= 64
-                                 or args.steer <= 0 or args.retain_weight < 0):
-        raise CLIError("need --steps ≥ 1, --lr > 0, --rank in [1, 64] (the largest served), --steer > 0 and "
-                       "--retain-weight ≥ 0")
+                                 or args.steer <= 0 or args.retain_weight < 0 or args.beta <= 0):
+        raise CLIError("need --steps ≥ 1, --lr > 0, --rank in [1, 64] (the largest served), --steer > 0, "
+                       "--retain-weight ≥ 0 and --beta > 0")
     if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0 or not ks or min(ks) < 1 \
             or not outliers or min(outliers) < 0:
         raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0, --ks ≥ 1, --outliers ≥ 0 and --scales > 0")
@@ -312,7 +313,7 @@ def cmd_unlearn(args) -> int:
                              args.markup_guard)
             else:
                 cfg = AdapterConfig(args.method, args.layer, args.rank, args.steps, lr=args.lr, steer=args.steer,
-                                  retain_weight=args.retain_weight)
+                                  retain_weight=args.retain_weight, beta=args.beta)
                 result = run_finetuned(lm, args.name, inputs, Path(work), cfg, scales, args.docs, args.generic_retain,
                                        goals)
         except (UnlearnError, SAELoadError, ModelLoadError, ProfileError, ValueError) as e:

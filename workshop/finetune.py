@@ -5,6 +5,11 @@
   activations' mean norm there), while the retain text's activations stay where the frozen model puts them.
 - **graddiff** (gradient difference): the next-token loss goes up on the forget text (until it is twice
   where it started) and down on the retain text, through LoRA on every layer's MLP.
+- **npo** (Negative Preference Optimization, Zhang et al. 2024, arXiv 2404.05868, with a retain loss): the
+  forget windows are treated as dispreferred answers against the frozen model: the loss
+  -(2/beta)·log sigmoid(-beta·(log p(window) - log p_frozen(window))) falls as the window becomes less likely,
+  and flattens once it is far less likely than under the frozen model (bounded, unlike graddiff's ascent);
+  the retain text's next-token loss goes down. LoRA on every layer's MLP.
 
 Both read the same inputs as the SAE method (forget files, retain files + Wikipedia summaries) in packed
 windows of `window` tokens, and write a peft folder (adapter_config.json + adapter_model.safetensors) that
@@ -44,7 +49,9 @@ class Trained:
                 f"to a random direction of {c.steer:g}x their mean norm, retain weight {c.retain_weight:g}"
                 if c.method == "rmu" else
                 f"MLP LoRA rank {c.rank} on every layer, forget loss ascended (up to twice its start), retain loss "
-                f"(weight {c.retain_weight:g}) descended")
+                f"(weight {c.retain_weight:g}) descended" if c.method == "graddiff" else
+                f"MLP LoRA rank {c.rank} on every layer, NPO on the forget windows (beta {c.beta:g}) against the frozen "
+                f"model, retain loss (weight {c.retain_weight:g}) descended")
         fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items())  # noqa: E731
         return (f"{c.method}: {what}; {c.steps} steps of {c.batch}+{c.batch} windows of {c.window} tokens "
                 f"({self.windows.get('forget', 0)} forget, {self.windows.get('retain', 0)} retain windows), AdamW "
@@ -69,6 +76,12 @@ def _until(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
     finally:
         handle.remove()
     raise RuntimeError(f"layer {layer} was not reached")
+
+
+def _window_logprob(model, ids: torch.Tensor) -> torch.Tensor:
+    """log p of each window's tokens after the first, summed: [B]."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
 
 
 def train(model_name: str, forget: list[str], retain: list[str], out: Path, cfg: AdapterConfig = AdapterConfig(),
@@ -120,6 +133,11 @@ def train(model_name: str, forget: list[str], retain: list[str], out: Path, cfg:
             hr = _until(base, cfg.layer, r)[:, 1:]
             lf = ((hf - target) ** 2).sum(-1).mean() / (target ** 2).sum()
             lr_ = ((hr - h0) ** 2).sum(-1).mean() / (h0 ** 2).sum(-1).mean()
+        elif cfg.method == "npo":
+            with torch.no_grad(), model.disable_adapter():
+                ref = _window_logprob(model, f)
+            lf = -(2 / cfg.beta) * torch.nn.functional.logsigmoid(-cfg.beta * (_window_logprob(model, f) - ref)).mean()
+            lr_ = model(input_ids=r, labels=r).loss
         else:  # the forget loss is ascended only up to twice where it started: past that, ascent breaks the model
             ce = model(input_ids=f, labels=f).loss
             cap = cap if step else 2 * ce.item()

@@ -35,8 +35,8 @@ class Goals:
                 f"forget fluency >= baseline's - {self.fluency_drop:g} nats/token")
 
 
-# the fine-tuned comparators (`obliviate unlearn --method rmu|graddiff`, workshop/finetune.py)
-METHODS = ("rmu", "graddiff")
+# the fine-tuned comparators (`obliviate unlearn --method rmu|graddiff|npo`, workshop/finetune.py)
+METHODS = ("rmu", "graddiff", "npo")
 # the strengths of a trained adapter's update tried on the dev prompts (its lora_alpha scaled)
 ADAPTER_SCALES = (0.5, 1.0, 1.5)
 
@@ -51,7 +51,8 @@ class AdapterConfig:
     window: int = 64  # tokens per window (BOS + 63)
     lr: float = 1e-3
     steer: float = 2.0  # rmu: the target's norm, in mean activation norms at `layer`
-    retain_weight: float = 4.0  # rmu: weight of keeping retain activations; graddiff: of the retain loss
+    retain_weight: float = 4.0  # rmu: weight of keeping retain activations; graddiff, npo: of the retain loss
+    beta: float = 0.1  # npo: the inverse temperature of its preference loss (the paper's default)
     seed: int = 0
 
 

@@ -247,8 +247,8 @@ def test_fuzz_from_the_openapi_schema_no_5xx_and_openai_shaped_4xx(limited):
 
     schema = schemathesis.openapi.from_url(limited.url + "/openapi.json")
     seen: dict[int, int] = {}
-    runs = [("/v1/completions", "POST", GenerationMode.POSITIVE, 30), ("/v1/completions", "POST",
-            GenerationMode.NEGATIVE, 30), ("/v1/chat/completions", "POST", GenerationMode.POSITIVE, 8),
+    runs = [("/v1/completions", "POST", GenerationMode.POSITIVE, 15), ("/v1/completions", "POST",
+            GenerationMode.NEGATIVE, 20), ("/v1/chat/completions", "POST", GenerationMode.POSITIVE, 8),
             ("/v1/chat/completions", "POST", GenerationMode.NEGATIVE, 10), ("/v1/models", "GET", GenerationMode.POSITIVE, 3),
             ("/v1/profiles", "GET", GenerationMode.POSITIVE, 3), ("/v1/profiles", "POST", GenerationMode.POSITIVE, 10),
             ("/v1/profiles/{name}", "DELETE", GenerationMode.POSITIVE, 6)]

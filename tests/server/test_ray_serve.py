@@ -1,6 +1,7 @@
 """`obliviate serve --replicas 2`: the app on Ray Serve, two replicas of the built-in engine behind one
-endpoint, with keys; every response names its replica; a killed replica is replaced while the other
-serves, and requests that were on it end with an error the client retries (never a hang)."""
+endpoint, with keys; every response names its replica; one /metrics scrape counts both replicas'
+requests; a killed replica is replaced while the other serves, and requests that were on it end with an
+error the client retries (never a hang)."""
 
 import concurrent.futures as cf
 import os
@@ -10,6 +11,7 @@ import time
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from clients.http import Client
 from server.live import ServerProcess
@@ -52,6 +54,21 @@ def test_two_replicas_serve_mixed_profiles_with_keys(ray_server):
         rs = list(pool.map(lambda job: greedy(ray_server.url, *job), JOBS))
     assert [r.json()["choices"][0]["text"] for r in rs] == [solo[job] for job in JOBS]
     assert len({replica(r) for r in rs}) == 2  # both replicas served
+    scraped_by = set()  # one scrape, whichever replica answers it, counts every replica's completions
+    for _ in range(20):
+        if len(scraped_by) == 2:
+            break
+        m = httpx.get(ray_server.url + "/metrics", timeout=60)
+        scraped_by.add(replica(m))
+        served = {}
+        for fam in text_string_to_metric_families(m.text):
+            for s in fam.samples:
+                if s.name == "obliviate_requests_total" and s.labels["status"] == "200":
+                    served[s.labels["replica"], s.labels["profile"]] = s.value
+        assert {r for r, _ in served} == {replica(r) for r in rs}
+        assert sum(served.values()) == 6 + len(JOBS)
+        assert sum(v for (_, p), v in served.items() if p == "hp_unlearn") == 1 + JOBS.count(JOBS[0])
+    assert len(scraped_by) == 2
     unauthorized = httpx.post(ray_server.url + "/v1/completions", json={"prompt": "x"})
     assert unauthorized.status_code == 401 and replica(unauthorized)  # errors too come from a replica
     assert greedy(ray_server.url, "x", "nope").json()["error"]["code"] == "profile_not_found"

@@ -31,7 +31,7 @@ def test_card_numbers_recheck_on_a_slice(shipped, lm):
     sae = load_sae(str(path))
     assert sae.cfg.metadata.hook_name == card["hook_point"] and sae.cfg.d_sae == card["width"]
     tok = lm.tokenizer
-    docs = [r["text"] for r in load_jsonl("heldout_generic.jsonl", "all", 24)]
+    docs = [r["text"] for r in load_jsonl("heldout_generic.jsonl", "all", 12)]
     rows = [[tok.bos_token_id] + tok(d, add_special_tokens=False).input_ids[:127] for d in docs]
     acts = heldout_acts(lm, rows, [card["layer"]])[card["layer"]]
     stats = activation_stats(sae, acts)
