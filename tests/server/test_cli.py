@@ -68,6 +68,7 @@ def test_topic_files_and_topics_are_checked_before_any_work(tmp_path):
         obliviate("unlearn", "x", *forget, "--ks", "2,many"))
     assert "--ks ≥ 1" in one_line_error(obliviate("unlearn", "x", *forget, "--ks", "0,3"))
     assert "--outliers ≥ 0" in one_line_error(obliviate("unlearn", "x", *forget, "--outliers", "0,-1"))
+    assert "--beta > 0" in one_line_error(obliviate("unlearn", "x", *forget, "--method", "npo", "--beta", "0"))
     bad = tmp_path / "t.yaml"
     bad.write_text("name: mine\nprompts: mine.jsonl\nlexicon: mine.txt\n")
     assert "mine.jsonl" in one_line_error(obliviate("eval", "loss", "--topic", str(bad), "--server", "http://127.0.0.1:9"))
