@@ -30,7 +30,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from ablation.residual import decoder_layers
-from models.loading import load_model
+from models.loading import LoadedModel
 from workshop.recipe import METHODS, AdapterConfig
 from workshop.train import token_chunks
 
@@ -84,23 +84,38 @@ def _window_logprob(model, ids: torch.Tensor) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
 
 
-def train(model_name: str, forget: list[str], retain: list[str], out: Path, cfg: AdapterConfig = AdapterConfig(),
+def train(lm: LoadedModel, forget: list[str], retain: list[str], out: Path, cfg: AdapterConfig = AdapterConfig(),
           log=print) -> Trained:
-    """Trains the adapter on a copy of the model of its own and saves it to `out` (a peft folder)."""
+    """Trains the adapter on `lm` (an fp32 model; peft puts its LoRA layers into it and they are taken out
+    again afterwards, so `lm` serves unchanged) and saves it to `out` (a peft folder)."""
     if cfg.method not in METHODS:
         raise ValueError(f"method {cfg.method!r}: one of {', '.join(METHODS)}")
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    lm = load_model(model_name, device="cpu", dtype="float32")
     n_layers = lm.n_layers
     if cfg.method == "rmu" and not 2 <= cfg.layer < n_layers:
         raise ValueError(f"--layer {cfg.layer}: the model has layers 0-{n_layers - 1} (rmu needs 2 or more)")
+    if lm.dtype != torch.float32:
+        raise ValueError(f"the adapter trains on an fp32 model, not {lm.dtype}")
+    base = lm.model
+    frozen = {name: p.requires_grad for name, p in base.named_parameters()}
     layers = list(range(cfg.layer - 2, cfg.layer + 1)) if cfg.method == "rmu" else list(range(n_layers))
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0,
                           target_modules=["gate_proj", "up_proj", "down_proj"], layers_to_transform=layers)
-    base = lm.model  # peft puts the LoRA layers into it in place
+    torch.manual_seed(cfg.seed)  # before the LoRA layers' initialisation
     model = get_peft_model(base, peft_cfg)
-    model.peft_config["default"].base_model_name_or_path = model_name
+    try:
+        return _train(lm, model, forget, retain, out, cfg, log)
+    finally:
+        model.unload()  # the LoRA layers out of `base` again
+        for name, p in base.named_parameters():
+            p.requires_grad_(frozen[name])
+        base.eval()
+
+
+def _train(lm: LoadedModel, model, forget: list[str], retain: list[str], out: Path, cfg: AdapterConfig,
+           log) -> Trained:
+    rng = random.Random(cfg.seed)
+    base = lm.model
+    model.peft_config["default"].base_model_name_or_path = lm.name
     data = {name: torch.tensor(token_chunks(lm.tokenizer, texts, cfg.window), dtype=torch.long)
             for name, texts in (("forget", forget), ("retain", retain))}
     if min(len(d) for d in data.values()) < cfg.batch:

@@ -195,7 +195,7 @@ def run_finetuned(lm, name: str, inputs: Inputs, work: Path, cfg: AdapterConfig,
     serves, scores and chooses among its strengths."""
     work.mkdir(parents=True, exist_ok=True)
     retain = [t for texts in inputs.retain for t in texts] + [t for _, t in wiki_summaries("train")[:n_wiki]]
-    trained = train(lm.name, [t for texts in inputs.forget for t in texts], retain, work / "adapter", cfg)
+    trained = train(lm, [t for texts in inputs.forget for t in texts], retain, work / "adapter", cfg)
     candidates = {}
     for scale in scales:
         cand = f"{name}__s{scale:g}"
