@@ -121,21 +121,27 @@ def add_features(sub) -> None:
         q.set_defaults(func=cmd_features_discover)
 
 
-def _setup(args):
+def _sae(args):
     # deferred: the command line answers --help and bad arguments before torch and the model stack load
     from ablation.sae_io import SAELoadError, load_sae, shipped_sae
-    from models.loading import ModelLoadError, load_model
     from workshop.discover import layer_of
 
     try:
         ref = args.sae or shipped_sae()
         sae = load_sae(ref)
         hookpoint = args.hookpoint or sae.cfg.metadata.hook_name
-        layer = layer_of(hookpoint)
-        lm = load_model(args.model, device="cpu", dtype="float32")
-    except (SAELoadError, ModelLoadError, ValueError) as e:
+        return sae, ref, hookpoint, layer_of(hookpoint)
+    except (SAELoadError, ValueError) as e:
         raise CLIError(str(e)) from None
-    return lm, sae, ref, hookpoint, layer
+
+
+def _model(args):
+    from models.loading import ModelLoadError, load_model
+
+    try:
+        return load_model(args.model, device="cpu", dtype="float32")
+    except ModelLoadError as e:
+        raise CLIError(str(e)) from None
 
 
 def _texts(paths, default: list[Path]) -> list[str]:
@@ -159,7 +165,8 @@ def cmd_features_discover(args) -> int:
         sets = retain_sets(given, args.generic_retain)
     except CorpusError as e:
         raise CLIError(str(e)) from None
-    lm, sae, ref, hookpoint, layer = _setup(args)
+    sae, ref, hookpoint, layer = _sae(args)
+    lm = _model(args)
     fa, ra = feature_acts(lm, sae, forget, layer), [feature_acts(lm, sae, t, layer) for t in sets]
     ranking = rank(fa, ra, args.method, args.min_ratio, args.max_retain_rate, args.top)
     contexts = {r.feature: top_contexts(fa, lm.tokenizer, forget, r.feature, args.contexts) for r in ranking}
@@ -191,11 +198,12 @@ def cmd_features_show(args) -> int:
     # deferred: the command line answers --help and bad arguments before torch and the model stack load
     from workshop.discover import feature_acts, top_contexts
 
-    lm, sae, ref, hookpoint, layer = _setup(args)
+    sae, ref, hookpoint, layer = _sae(args)
     bad = [i for i in args.ids if not 0 <= i < sae.cfg.d_sae]
     if bad:
         raise CLIError(f"feature ids must be in [0, {sae.cfg.d_sae}); got {bad}")
     texts = _texts(args.texts, [DATA / "hp_topic.txt", *FICTION])
+    lm = _model(args)
     fa = feature_acts(lm, sae, texts, layer)
     for i in args.ids:
         col = fa.acts[:, i]

@@ -87,7 +87,7 @@ def test_yaml_body_and_the_errors(api_server):
     assert greedy(url, "hp_unlearn").status_code == 200
 
 
-def test_adding_a_profile_while_16_clients_stream_changes_none_of_them(api_server):
+def test_adding_a_profile_while_8_clients_stream_changes_none_of_them(api_server):
     url = api_server.url
     kw = dict(max_tokens=48, ignore_eos=True)
     expected = text(url, "hp_unlearn", **kw)
@@ -102,9 +102,10 @@ def test_adding_a_profile_while_16_clients_stream_changes_none_of_them(api_serve
                     out.append(json.loads(line[6:])["choices"][0]["text"])
         return "".join(out)
 
-    with cf.ThreadPoolExecutor(16) as pool:
-        running = [pool.submit(stream) for _ in range(16)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(stream) for _ in range(8)]
         time.sleep(2)  # the streams are under way
+        assert not any(f.done() for f in running)
         t0 = time.perf_counter()
         r = httpx.post(url + "/v1/profiles", json=spec_like("rt_live", "gemma-3-270m.sw_unlearn"), timeout=300)
         added = time.perf_counter() - t0
@@ -114,8 +115,8 @@ def test_adding_a_profile_while_16_clients_stream_changes_none_of_them(api_serve
         assert first.status_code == 200, first.text
         texts = [f.result() for f in running]
     print(f"{api_server.url}: POST answered in {added:.2f} s, first rt_live token {served:.2f} s after the POST, "
-          f"with 16 streams running")
-    assert texts == [expected] * 16
+          f"with 8 streams running")
+    assert texts == [expected] * 8
     assert text(url, "rt_live") == text(url, "sw_unlearn")
     assert httpx.delete(url + "/v1/profiles/rt_live").status_code == 200
 

@@ -88,15 +88,18 @@ def test_sequence_state_survives_chunked_prefill(server, vllm_server):
               "bread and cheese to anyone who came early enough. ")
     prompts = [f"{i}. Harry Potter and Hermione Granger left Hogwarts for the summer. " + filler * 10
                + "Then the headmaster of the school, Albus" for i in range(10)]
-    expected = [complete(server.url, p, "hp_unlearn", max_tokens=6)["text"] for p in prompts]
 
-    async def together():
-        async with httpx.AsyncClient(base_url=vllm_server.url, timeout=300) as http:
+    async def together(url):
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
             rs = await asyncio.gather(*(http.post("/v1/completions", json={
                 "prompt": p, "profile": "hp_unlearn", "max_tokens": 6, "temperature": 0}) for p in prompts))
             return [r.json()["choices"][0]["text"] for r in rs]
 
-    assert asyncio.run(together()) == expected
+    async def both():  # the built-in engine's rows equal its solo rows (test_engine)
+        return await asyncio.gather(together(vllm_server.url), together(server.url))
+
+    got, expected = asyncio.run(both())
+    assert got == expected
 
 
 def test_prefix_cache_is_used_but_never_shared_between_profiles(server, vllm_server):
