@@ -39,6 +39,7 @@ PROMPTS = [
 
 
 NO_AUDIT = "-noaudit"
+REPLICAS = " x"  # "builtin x2": the engine as 2 Ray Serve replicas (--replicas)
 ENGINES = ("builtin", "vllm", "vllm-plain", "builtin" + NO_AUDIT, "vllm" + NO_AUDIT)
 
 
@@ -58,6 +59,9 @@ def add_bench(sub) -> None:
     p.add_argument("--hf-batch", type=int, default=8, help="plain HF generate at this batch (0: skip)")
     p.add_argument("--dtype", help="model dtype for every engine and HF generate (default: float32 on CPU, "
                    "bfloat16 on GPU, the server's own rule; vLLM's own server would take bf16 for this model)")
+    p.add_argument("--replicas", type=int, default=0, help="also serve each engine as N Ray Serve replicas of "
+                   "1/N of the CPU threads each (`obliviate serve --replicas N --replica-threads`): the scaling ratio "
+                   "'ENGINE xN / ENGINE' against one process with every thread")
     p.add_argument("--serve-args", default="", help="extra arguments for `obliviate serve`")
     p.add_argument("--out", type=Path, default=Path("reports/bench"))
     p.set_defaults(func=cmd_bench)
@@ -69,11 +73,17 @@ def cmd_bench(args) -> int:
         raise CLIError(f"unknown engine {bad[0]!r}: use {', '.join(ENGINES)}")
     if not levels or min(levels) < 1 or args.tokens < 1 or args.requests < 1:
         raise CLIError("--concurrency, --tokens and --requests must be ≥ 1")
+    if args.replicas and (args.replicas < 2 or args.server or any(e.startswith("vllm-plain") for e in engines)):
+        raise CLIError("--replicas N needs N ≥ 2 and engines started here (not --server or vllm-plain)")
+    if args.replicas:
+        engines = [e for engine in engines for e in (engine, f"{engine}{REPLICAS}{args.replicas}")]
     results = {"config": {k: str(v) for k, v in vars(args).items() if k != "func"}, "runs": [], "machine": _machine(),
                "dtype": _dtype(args)}
     for engine in ([args.server] if args.server else engines):
         with (nullcontext(args.server) if args.server else _server(engine, args)) as srv:
             url = srv if args.server else srv.url
+            if REPLICAS in engine:
+                _wait_for_replicas(url, args.replicas)
             name = "server" if args.server else engine
             plist = ["baseline"] if engine == "vllm-plain" else profiles
             results["runs"] += asyncio.run(_workload(url, name, levels, plist, args))
@@ -106,9 +116,22 @@ def _server(engine: str, args):
                              "--max-model-len", "2048", "--disable-log-stats", "--dtype", _dtype(args),
                              cmd=[sys.executable, "-m", "vllm.entrypoints.openai.api_server"],
                              env={"VLLM_CPU_KVCACHE_SPACE": "4"})  # GiB, as the vllm engine takes
+    engine, _, n = engine.partition(REPLICAS)
+    ray = ["--replicas", n, "--replica-threads", str(max(1, (os.cpu_count() or 1) // int(n)))] if n else []
     audit = ["--no-trigger-audit"] if engine.endswith(NO_AUDIT) else []
-    return ServerProcess("--engine", engine.removesuffix(NO_AUDIT), "--dtype", _dtype(args), *audit,
-                         *args.serve_args.split())
+    return ServerProcess("--engine", engine.removesuffix(NO_AUDIT), "--dtype", _dtype(args), *audit, *ray,
+                         *args.serve_args.split(), env={"RAY_USAGE_STATS_ENABLED": "0"} if ray else None)
+
+
+def _wait_for_replicas(url: str, n: int, timeout: float = 600) -> None:
+    """Until n replicas have answered (Serve's proxy answers once the first is up)."""
+    seen, deadline = set(), time.time() + timeout
+    while len(seen) < n:
+        if time.time() > deadline:
+            raise CLIError(f"only {len(seen)} of {n} replicas answered in {timeout:.0f} s")
+        seen.add(httpx.get(url + "/health", timeout=30).headers.get("obliviate-replica"))
+        seen.discard(None)
+        time.sleep(0.2)
 
 
 async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: str, tokens: int) -> tuple[float, int]:
@@ -226,6 +249,9 @@ def ratios(results: dict) -> dict:
             out[f"{engine} c{c} {profile} / {engine}{NO_AUDIT}"] = round(v / plain, 3)
         if hf and profile == "baseline" and c == top:
             out[f"{engine} c{c} baseline / HF generate b{results['hf_generate']['batch']}"] = round(v / hf, 3)
+        one, _, n = engine.partition(REPLICAS)
+        if n and (single := tps.get((one, c, profile))):
+            out[f"{engine} / {one} c{c} {profile}"] = round(v / single, 3)
     for engine in ("vllm",):
         for ref in ("builtin", "vllm-plain"):
             for c in sorted({c for _, c, _ in tps}):

@@ -79,6 +79,9 @@ def replica_app(settings: Settings) -> FastAPI:
     """The app one replica serves (built on the replica, where its model loads)."""
     if settings.replica_threads:
         torch.set_num_threads(settings.replica_threads)
+        # the vLLM engine's worker is a process of its own that reads its thread count from the environment;
+        # unbound, as vLLM's automatic binding would put every replica's worker on the same cores
+        os.environ.update(OMP_NUM_THREADS=str(settings.replica_threads), VLLM_CPU_OMP_THREADS_BIND="nobind")
     name = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"
     app = build_app(settings, metrics=replica_metrics(name))
     app.state.replica = name

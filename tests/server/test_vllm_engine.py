@@ -18,7 +18,7 @@ PROMPTS = [
     "In The Lord of the Rings, the wizard who fights the Balrog is",
 ]
 SHIPPED = ["baseline", "sae_only", "hp_unlearn", "hp_unlearn_token", "hp_unlearn_keep_error", "hp_unlearn_zero",
-           "prompted", "sw_unlearn", "hp_sw_unlearn", "hp_rmu"]
+           "prompted", "sw_unlearn", "hp_sw_unlearn", "hp_rmu", "hp_npo"]
 TEST_MODES = ["t_sae_only", "t_zero", "t_keep_error", "t_clamp", "t_sequence", "t_seq_active", "t_gen_zero",
               "t_gen_off", "t_guard"]
 # The two engines run different kernels (vLLM's fused CPU attention, norms and GEMMs vs transformers
