@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from vllm import AsyncEngineArgs
 from vllm import SamplingParams as VSamplingParams
 from vllm.lora.request import LoRARequest
+from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -30,6 +31,15 @@ from server.engine.base import (ChoiceOutput, Engine, EngineError, EngineStats, 
 from server.engine.vllm_worker import AUDIT_KEY, PROFILE_KEY
 
 log = logging.getLogger("obliviate.vllm")
+
+
+def cpu_shares(n: int) -> str:
+    """This process's cores in n shares, as vLLM's VLLM_CPU_OMP_THREADS_BIND takes them ("0,1|2,3"); with
+    fewer cores than shares, shares reuse cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // n)
+    shares = [cores[i * per:(i + 1) * per] or [cores[i % len(cores)]] for i in range(n)]
+    return "|".join(",".join(map(str, share)) for share in shares)
 
 
 class VLLMEngine(Engine):
@@ -58,8 +68,11 @@ class VLLMEngine(Engine):
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))  # GiB, CPU backend only
-
         o = self.options
+        if o["data_parallel_size"] > 1 and current_platform.is_cpu():
+            # vLLM's automatic binding puts every data-parallel engine's threads on the same cores of a
+            # one-socket machine: give each engine its own share of this process's cores instead
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_shares(o["data_parallel_size"]))
         args = AsyncEngineArgs(
             model=self.model.path, tokenizer=self.model.path, served_model_name=[self.model.name],
             dtype=o["dtype"] or "auto", max_model_len=o["max_model_len"], max_num_seqs=o["max_batch_size"],
@@ -71,18 +84,18 @@ class VLLMEngine(Engine):
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.factory])
         payload = {n: s.model_dump() for n, s in self.specs.items()}
         banned = markup_token_ids(self.model.tokenizer)
-        names = await self.llm.collective_rpc("obliviate_install", args=(payload, banned, self.audit))
+        names = await self._rpc("obliviate_install", payload, banned, self.audit)
         self.served = set.intersection(*map(set, names))
         self._index = {n: i for i, n in enumerate(self.specs)}
         log.info("vLLM workers serve profiles %s", sorted(self.served))
 
     async def add_profile(self, name: str, spec: ProfileSpec) -> None:
         await asyncio.to_thread(self.lora.check, [spec], self.model)
-        got = await self.llm.collective_rpc("obliviate_add", args=(name, spec.model_dump()))
+        got = await self._rpc("obliviate_add", name, spec.model_dump())
         errors = [g for g in got if isinstance(g, str)]
         if errors or len(set(got)) != 1:
             for index in {g for g in got if not isinstance(g, str)}:  # undo where it went in
-                await self.llm.collective_rpc("obliviate_remove", args=(name, index))
+                await self._rpc("obliviate_remove", name, index)
             raise ValueError(errors[0] if errors else f"the workers disagree on profile {name!r}: {got}")
         self.specs[name], self._index[name] = spec, got[0]
         self.served.add(name)
@@ -98,7 +111,7 @@ class VLLMEngine(Engine):
     async def _remove_when_unused(self, name: str, index: int) -> None:
         while self._users.get(name):
             await asyncio.sleep(0.05)
-        await self.llm.collective_rpc("obliviate_remove", args=(name, index))
+        await self._rpc("obliviate_remove", name, index)
 
     async def _trigger(self, rid: str) -> int | None:
         """The first position where a finished request's edit fired (None: never), from the workers. Requests
@@ -109,11 +122,17 @@ class VLLMEngine(Engine):
             self._reader = asyncio.create_task(self._read_triggers())
         return await fut
 
+    async def _rpc(self, method: str, *args) -> list:
+        """`method` on every worker of every data-parallel engine, one result a worker (vLLM's own
+        collective_rpc answers with the first engine's workers only when there are several)."""
+        per_engine = await self.llm.engine_core.call_utility_all_async("collective_rpc", method, None, args, None)
+        return [result for workers in per_engine for result in workers]
+
     async def _read_triggers(self) -> None:
         while self._asked:
             asked, self._asked = self._asked, {}
             try:
-                got = await self.llm.collective_rpc("obliviate_triggers", args=(list(asked),))
+                got = await self._rpc("obliviate_triggers", list(asked))
             except Exception as e:
                 for f in asked.values():
                     f.done() or f.set_exception(EngineError(f"the trigger audit failed: {e}"))

@@ -1,6 +1,7 @@
 """The second embedded model, SmolLM2-135M-Instruct (Llama architecture, a chat assistant), through the
 same loading, hooks and servers as Gemma: chat with its own template on both engines, every edit mode
-greedy-equal between the engines, and mixed-profile rows equal to solo rows."""
+greedy-equal between the engines, and mixed-profile rows equal to solo rows. Its vLLM server runs two
+data-parallel engines (`--data-parallel-size 2`): the hooks, profiles and trigger audit work in both."""
 
 import concurrent.futures as cf
 
@@ -30,10 +31,12 @@ def smol(tmp_path_factory):
         write_profile(pdir, name, sae, hookpoint=HOOKPOINT, model=CHAT_MODEL, **TEST_PROFILES[name])
     log = open(d / "vllm.log", "w")
     settings = Settings(model=CHAT_MODEL, profiles=[pdir], max_model_len=512)
-    args = ["--engine", "vllm", "--model", CHAT_MODEL, "--profiles", str(pdir), "--max-model-len", "512"]
+    args = ["--engine", "vllm", "--model", CHAT_MODEL, "--profiles", str(pdir), "--max-model-len", "512",
+            "--data-parallel-size", "2"]
     try:
         with LiveServer(settings) as builtin, \
                 ServerProcess(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log=log) as vllm:
+            vllm.log_path = log.name
             yield builtin, vllm
     except RuntimeError as e:
         raise RuntimeError(f"{e}; the vLLM log ends:\n{open(log.name).read()[-3000:]}") from None
@@ -68,6 +71,7 @@ def test_every_edit_mode_is_greedy_equal_on_both_engines(smol):
     tokens = lambda c: [t["token"] for t in c["logprobs"]["content"]]  # noqa: E731
     for (q, profile), a, b in zip(jobs, ours, theirs):
         assert tokens(b) == tokens(a), (profile, q, a["message"], b["message"])
+        assert b.get("unlearning") == a.get("unlearning"), (profile, q)  # the audit, from either DP engine
         worst = max([worst] + [abs(x["logprob"] - y["logprob"])
                                for x, y in zip(a["logprobs"]["content"], b["logprobs"]["content"])])
         base.setdefault(q, a["message"])  # baseline comes first
@@ -76,12 +80,17 @@ def test_every_edit_mode_is_greedy_equal_on_both_engines(smol):
     print(f"{CHAT_MODEL}: max|Δlogprob| builtin vs vllm = {worst:.1e}; modes that changed an answer: "
           f"{sorted(changed)}")
     assert worst < LOGPROB_ATOL and len(changed) >= 3  # the edits act on this architecture
+    assert sum((c.get("unlearning") or {}).get("triggered", False) for c in theirs) >= 4  # rows that fired
+    started = open(vllm.log_path).read()
+    assert "EngineCore_DP1" in started and started.count("Injected <class 'server.engine.vllm_worker") >= 2
+    cores = {ln.split("core ids=")[1].strip() for ln in started.splitlines() if "local_rank=0, core ids=" in ln}
+    assert len(cores) == 2, cores  # each engine on its own cores (vLLM alone would put both on the same)
 
 
 @pytest.mark.parametrize("engine", [0, 1])
 def test_mixed_profile_rows_equal_solo_rows(smol, engine):
     url = smol[engine].url
-    jobs = [(q, p) for q in QUESTIONS for p in ("baseline", "t_clamp", "t_sequence")]
+    jobs = [(q, p) for q in QUESTIONS[1:] for p in ("baseline", "t_clamp", "t_sequence")]
     solo = [chat(url, q, p)["message"]["content"] for q, p in jobs]
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         mixed = list(pool.map(lambda job: chat(url, *job)["message"]["content"], jobs))
