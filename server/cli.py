@@ -99,6 +99,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     if settings.replicas:
         return serve_on_ray(settings)
+    # the port is taken before the model loads: a port in use is a one-line error at once, and no port
+    # another process picks meanwhile (vLLM's engine opens ports of its own) can be the one we serve on
+    sock = listen(settings.host, settings.port)
     # deferred: the model stack, once the input is known to be good
     import uvicorn
 
@@ -112,9 +115,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     app = build_app(settings, model, table, keyring)
     # on SIGTERM: stop accepting, give in-flight requests drain_timeout s, cancel the rest, stop the engine
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.drain_timeout)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.drain_timeout)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int):
+    """A bound socket for HOST:PORT (uvicorn listens on it once the app has started)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)  # connections wait in the backlog until the app has started
+    except OSError as e:
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def serve_on_ray(settings) -> int:

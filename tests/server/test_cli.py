@@ -166,6 +166,18 @@ def test_bad_keys_files_are_refused_with_what_is_wrong(tmp_path, edit, needle):
         Keyring.build(tmp_path / "keys.yaml", None, ["baseline", "sae_only", "prompted"])
 
 
+def test_a_port_in_use_is_one_line_before_the_model_loads():
+    """The port is taken first (the engine's own ports can never be the one served on)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_error(obliviate("serve", "--port", str(port)))
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in line
+
+
 def test_a_bad_keys_file_fails_before_the_model_loads(tmp_path):
     assert "cannot read the keys file" in one_line_error(obliviate("serve", "--keys", str(tmp_path / "nope.yaml")))
     (tmp_path / "k.yaml").write_text("keys: [\n")
