@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -123,8 +124,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def listen(host: str, port: int):
     """A bound socket for HOST:PORT (uvicorn listens on it once the app has started)."""
-    import socket
-
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]

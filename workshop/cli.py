@@ -136,6 +136,7 @@ def _sae(args):
 
 
 def _model(args):
+    # deferred: the command line answers --help and bad arguments before torch and the model stack load
     from models.loading import ModelLoadError, load_model
 
     try:
