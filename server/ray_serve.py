@@ -81,7 +81,8 @@ def replica_app(settings: Settings) -> FastAPI:
         torch.set_num_threads(settings.replica_threads)
         # the vLLM engine's worker is a process of its own that reads its thread count from the environment;
         # unbound, as vLLM's automatic binding would put every replica's worker on the same cores
-        os.environ.update(OMP_NUM_THREADS=str(settings.replica_threads), VLLM_CPU_OMP_THREADS_BIND="nobind")
+        os.environ["OMP_NUM_THREADS"] = str(settings.replica_threads)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # an operator's own binding wins
     name = f"{serve.get_replica_context().replica_id.unique_id}@{os.getpid()}"
     app = build_app(settings, metrics=replica_metrics(name))
     app.state.replica = name
