@@ -21,12 +21,16 @@ def shipped_saes_dir() -> Path:
     return Path(__file__).parent / "saes"
 
 
-DEFAULT_SAE = "gemma-3-270m-res-L6"  # trained with Harry Potter text; -hp-sw: Harry Potter and Star Wars
+# each embedded model's default SAE (trained with Harry Potter text; gemma's -hp-sw: Harry Potter and Star Wars)
+DEFAULT_SAES = {"gemma-3-270m": "gemma-3-270m-res-L6", "smollm2-135m-instruct": "smollm2-135m-instruct-res-L12"}
 
 
-def shipped_sae() -> str:
-    """The default SAE shipped for the default model (a directory)."""
-    path = shipped_saes_dir() / DEFAULT_SAE
+def shipped_sae(model: str = "gemma-3-270m") -> str:
+    """The default SAE shipped for `model` (a directory)."""
+    if model not in DEFAULT_SAES:
+        raise SAELoadError(f"no SAE is shipped for the model {model!r}: give one with --sae (a directory or "
+                           f"release:sae_id), or train one with `obliviate sae train --model {model}`")
+    path = shipped_saes_dir() / DEFAULT_SAES[model]
     if not (path / "cfg.json").exists():
         raise SAELoadError(f"give an SAE: the default {path} is missing")
     return str(path)

@@ -17,7 +17,7 @@ from typing import Literal
 
 import httpx
 
-from protocol.openai import CompletionResponse, ModelList, ProfileList
+from protocol.openai import ChatCompletionResponse, CompletionResponse, ModelList, ProfileList, TokenizeResponse
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
@@ -45,8 +45,9 @@ class _Base:
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    def body(self, prompt, profile: str | None, **params) -> dict:
-        body = {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
+    def body(self, profile: str | None, **params) -> dict:
+        """A request body: `params` (prompt or messages, sampling fields) with the model and profile."""
+        body = {k: v for k, v in params.items() if v is not None}
         model = self.model
         if profile and self.profile_via == "model":
             model = f"{model}:{profile}" if model else profile
@@ -113,11 +114,11 @@ class Client(_Base):
         raise AssertionError("unreachable")
 
     def complete(self, prompt, profile: str | None = None, **params) -> CompletionResponse:
-        r = self.request("POST", "/v1/completions", json=self.body(prompt, profile, **params))
+        r = self.request("POST", "/v1/completions", json=self.body(profile, prompt=prompt, **params))
         return CompletionResponse.model_validate(r.json())
 
     def stream(self, prompt, profile: str | None = None, **params) -> Iterator[CompletionResponse]:
-        with self.http.stream("POST", "/v1/completions", json=self.body(prompt, profile, stream=True, **params)) as r:
+        with self.http.stream("POST", "/v1/completions", json=self.body(profile, prompt=prompt, stream=True, **params)) as r:
             if r.status_code >= 400:
                 r.read()
                 self.raise_for(r)
@@ -160,11 +161,20 @@ class AsyncClient(_Base):
         raise AssertionError("unreachable")
 
     async def complete(self, prompt, profile: str | None = None, **params) -> CompletionResponse:
-        r = await self.request("POST", "/v1/completions", json=self.body(prompt, profile, **params))
+        r = await self.request("POST", "/v1/completions", json=self.body(profile, prompt=prompt, **params))
         return CompletionResponse.model_validate(r.json())
 
+    async def chat(self, messages: list[dict], profile: str | None = None, **params) -> ChatCompletionResponse:
+        r = await self.request("POST", "/v1/chat/completions", json=self.body(profile, messages=messages, **params))
+        return ChatCompletionResponse.model_validate(r.json())
+
+    async def tokenize(self, **params) -> list[int]:
+        """Token ids of a prompt, or of chat messages as the server renders them (vLLM's /tokenize)."""
+        body = {**({"model": self.model} if self.model else {}), **{k: v for k, v in params.items() if v is not None}}
+        return TokenizeResponse.model_validate((await self.request("POST", "/tokenize", json=body)).json()).tokens
+
     async def stream(self, prompt, profile: str | None = None, **params) -> AsyncIterator[CompletionResponse]:
-        body = self.body(prompt, profile, stream=True, **params)
+        body = self.body(profile, prompt=prompt, stream=True, **params)
         async with self.limit, self.http.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code >= 400:
                 await r.aread()

@@ -49,7 +49,7 @@ def attack_items(ctx: EvalContext) -> list[dict]:
     """Every generated attack of this run's split: the topics' items and the controls (topic `control`)."""
     split, items = ctx.split, []
     wrappers = load_jsonl(ATTACKS / "wrappers.jsonl", split)
-    generic = load_jsonl("generic_prompts.jsonl", split)
+    generic = ctx.topics.generic(split, None)
     controls = load_jsonl(ATTACKS / "controls.jsonl", split)
     for topic in ctx.topics.topics:
         if topic.attacks is None:

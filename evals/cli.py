@@ -32,6 +32,8 @@ def add_eval(sub) -> None:
     p.add_argument("--split", choices=["test", "dev", "all"], default="test")
     p.add_argument("--topic", default="hp", help="what is being forgotten: a shipped topic (hp, sw), several "
                    "(hp,sw: a profile that forgets them all), or a topic YAML (see evals/data/topics)")
+    p.add_argument("--chat", action="store_true", help="ask each prompt as a user's chat message "
+                   "(/v1/chat/completions with the server's chat template; e.g. --topic hp_chat)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--model", help="model name to send (default: the server's default)")
     p.add_argument("--profile-via", choices=["field", "model"], default="field",
@@ -48,7 +50,7 @@ def cmd_eval(args) -> int:
         asyncio.run(run_reports(args.server, profiles, args.out, report=args.report, topic=args.topic,
                                 baseline=args.baseline, split=args.split, limit=args.limit,
                                 concurrency=args.concurrency, model=args.model, api_key=args.api_key,
-                                profile_via=args.profile_via))
+                                profile_via=args.profile_via, chat=args.chat))
     except (EvalError, APIError) as e:
         raise CLIError(str(e)) from None
     return 0
@@ -57,13 +59,13 @@ def cmd_eval(args) -> int:
 async def run_reports(server: str, profiles: list[str], out: Path, *, report: str = "all", topic: str = "hp",
                       baseline: str = "baseline", split: str = "test", limit: int | None = None,
                       concurrency: int = 8, model: str | None = None, api_key: str | None = None,
-                      profile_via: str = "field") -> dict:
+                      profile_via: str = "field", chat: bool = False) -> dict:
     """Runs one report (or `all` the topic has data for) against `server`, each profile compared with
     `baseline`; writes REPORT.md/.json (and index.md for `all`) under `out`; -> {report: result}."""
     client = AsyncClient(server, model=model, api_key=api_key, profile_via=profile_via, concurrency=concurrency)
     try:
         out.mkdir(parents=True, exist_ok=True)  # charts are written before the report files
-        ctx = EvalContext(client, profiles, out, limit, split, Topics.of(topic), baseline=baseline)
+        ctx = EvalContext(client, profiles, out, limit, split, Topics.of(topic), baseline=baseline, chat=chat)
         ctx.server_info = await server_info(client, ctx.profiles)
         names = [report] if report != "all" else [n for n in REPORTS if available(n, ctx.topics)]
         results, timings = {}, {}

@@ -46,6 +46,7 @@ class Topic:
     trivia: Path | None = None
     robustness: Path | None = None
     attacks: Path | None = None
+    generic: Path = DATA / "generic_prompts.jsonl"  # general-knowledge prompts that must keep their answers
 
 
 def read_topic(ref: str) -> Topic:
@@ -57,14 +58,15 @@ def read_topic(ref: str) -> Topic:
     try:
         spec = yaml.safe_load(path.read_text())
         files = {k: (path.parent / spec[k]).resolve() if spec.get(k) else None
-                 for k in ("prompts", "lexicon", "trivia", "robustness", "attacks")}
+                 for k in ("prompts", "lexicon", "trivia", "robustness", "attacks", "generic")}
         nearby = tuple((path.parent / f).resolve() for f in spec.get("nearby") or [])
         topic = Topic(str(spec["name"]), str(spec.get("title") or spec["name"]), files["prompts"], files["lexicon"],
-                      nearby, files["trivia"], files["robustness"], files["attacks"])
+                      nearby, files["trivia"], files["robustness"], files["attacks"],
+                      files["generic"] or Topic.generic)
     except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         raise EvalError(f"{path}: a topic needs name, prompts and lexicon ({type(e).__name__}: {e})") from None
     missing = [str(f) for f in (topic.prompts, topic.lexicon, topic.trivia, topic.robustness, topic.attacks,
-                                *topic.nearby)
+                                topic.generic, *topic.nearby)
                if f is not None and not f.is_file()]
     if missing:
         raise EvalError(f"{path}: file(s) not found: {', '.join(missing)}")
@@ -93,6 +95,10 @@ class Topics:
 
     def forget_sets(self, split: str, limit: int | None) -> dict[str, list[dict]]:
         return {t.name: load_jsonl(t.prompts, split, limit) for t in self.topics}
+
+    def generic(self, split: str, limit: int | None) -> list[dict]:
+        """The general-knowledge prompts (the first topic's set: topics measured together share one)."""
+        return load_jsonl(self.topics[0].generic, split, limit)
 
     def _kept(self, items: list[dict]) -> list[dict]:
         return [it for it in items if it.get("about") not in self.names]
@@ -131,6 +137,8 @@ class EvalContext:
     server_info: dict = field(default_factory=dict)
     # what every other profile is compared with (loss added, fluency, answers kept); joins `profiles` first if absent
     baseline: str = "baseline"
+    # prompts asked as a user's chat message (/v1/chat/completions, the server's chat template), not completed
+    chat: bool = False
 
     def __post_init__(self):
         self.profiles = [self.baseline, *(p for p in self.profiles if p != self.baseline)]
@@ -143,7 +151,7 @@ class EvalContext:
         """The completion prompt sets of this run's split: one per topic being forgotten, generic, and
         (if asked) the nearby prompts that must be kept."""
         sets = {**self.topics.forget_sets(self.split, self.limit),
-                "generic": load_jsonl("generic_prompts.jsonl", self.split, self.limit)}
+                "generic": self.topics.generic(self.split, self.limit)}
         return {**sets, "nearby": self.topics.nearby(self.split, self.limit)} if nearby else sets
 
     async def gather(self, desc: str, coros: list) -> list:
@@ -160,24 +168,44 @@ class EvalContext:
         finally:
             bar.close()
 
+    def max_tokens(self, completion: int) -> int:
+        """New tokens per answer: an assistant says a sentence before its answer (chat: 32)."""
+        return max(completion, 32) if self.chat else completion
+
     async def greedy(self, prompt: str, profile: str, max_tokens: int = 10) -> str:
+        if self.chat:
+            r = await self.client.chat([{"role": "user", "content": prompt}], profile, max_tokens=max_tokens,
+                                       temperature=0)
+            return r.choices[0].message.content or ""
         r = await self.client.complete(prompt, profile, max_tokens=max_tokens, temperature=0)
         return r.choices[0].text
 
     async def continuation_logprobs(self, prompt: str, continuation: str, profile: str, report: str) -> list[float]:
-        """Logprobs of the tokens of `continuation` after `prompt` (echo + logprobs)."""
+        """Logprobs of the tokens of `continuation` after `prompt` (echo + logprobs); in chat mode, of the
+        assistant's reply `continuation` to the user message `prompt` (an empty prompt: plain text)."""
+        chat = self.chat and bool(prompt)
         try:
-            lp = (await self.client.logprobs_of(prompt + continuation, profile))[0]
+            if chat:  # the server renders both; the reply's tokens follow the rendered question's
+                user = [{"role": "user", "content": prompt}]
+                asked = await self.client.tokenize(messages=user)
+                full = await self.client.tokenize(messages=user + [{"role": "assistant", "content": continuation}],
+                                                  add_generation_prompt=False, continue_final_message=True)
+                lp = (await self.client.logprobs_of(full, profile))[0]
+                start = next((i for i, (a, b) in enumerate(zip(asked, full)) if a != b), len(asked))
+                start -= len(full) - len(lp.logprobs)  # a BOS the server's context has is not echoed
+            else:
+                lp = (await self.client.logprobs_of(prompt + continuation, profile))[0]
+                start = next((i for i, off in enumerate(lp.offsets) if off >= len(prompt)), len(lp.offsets))
         except APIError as e:
             if e.status in (400, 404, 501) and "profile" not in (e.param or ""):
-                raise EvalError(f"the {report} report needs prompt logprobs (echo + logprobs with "
-                                f"max_tokens=0); the server said: {e.message}") from e
+                raise EvalError(f"the {report} report needs prompt logprobs (echo + logprobs with max_tokens=0)"
+                                + (" and chat tokenization (/tokenize with messages)" if chat else "")
+                                + f"; the server said: {e.message}") from e
             raise
-        start = next((i for i, off in enumerate(lp.offsets) if off >= len(prompt)), len(lp.offsets))
         return [v for v in lp.logprobs[start:] if v is not None]
 
     def settings(self, **sampling) -> dict:
-        return {"profiles": self.profiles, "limit": self.limit, "split": self.split,
+        return {"profiles": self.profiles, "limit": self.limit, "split": self.split, "chat": self.chat,
                 "server": self.client.base_url, "sampling": sampling}
 
 

@@ -10,6 +10,7 @@ from evals.charts import grouped_bars
 from evals.common import EvalContext, EvalError, is_correct, md_table, write_report
 
 MAX_TOKENS = 10
+CHAT = ", each prompt asked as a user's chat message (the answer probability is not measured)"
 # a stray HTML/XML tag: <em>, </strong>, <br/>, <div class="x">
 MARKUP = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
 
@@ -34,9 +35,10 @@ async def score_items(ctx: EvalContext, items: list[dict], desc: str, with_prob:
     whose first token alone is unlikely."""
     lex = ctx.topics.lexicon()
     jobs = [(p, it) for p in ctx.profiles for it in items]
-    texts = await ctx.gather(f"{desc}: completions", [ctx.greedy(it["prompt"], p, MAX_TOKENS) for p, it in jobs])
+    n = ctx.max_tokens(MAX_TOKENS)
+    texts = await ctx.gather(f"{desc}: completions", [ctx.greedy(it["prompt"], p, n) for p, it in jobs])
     probs, fluency = [None] * len(jobs), [None] * len(jobs)
-    if with_prob:
+    if with_prob and not ctx.chat:  # an assistant's first token is rarely the answer: no P(answer) in chat
         lps = await ctx.gather(f"{desc}: answer probabilities", [
             ctx.continuation_logprobs(it["prompt"], " " + it["answers"][0], p, "familiarity") for p, it in jobs])
         probs = [math.exp(lp[0]) if lp else None for lp in lps]
@@ -106,7 +108,8 @@ async def completions(ctx: EvalContext) -> dict:
            for k, v in sets.items()}
     summary = {k: {p: tally(r[p]) for p in ctx.profiles} for k, r in out.items()}
     md = ["# Completions\n\n", reading(ctx, summary, "Greedy completions") + "\n\n",
-          f"Greedy, {MAX_TOKENS} new tokens. ✓ = an accepted answer appears.\n"]
+          f"Greedy, {ctx.max_tokens(MAX_TOKENS)} new tokens{CHAT if ctx.chat else ''}. "
+          "✓ = an accepted answer appears.\n"]
     for k, recs in out.items():
         md.append(f"\n## {k} prompts\n")
         rows = []
@@ -114,7 +117,8 @@ async def completions(ctx: EvalContext) -> dict:
             rows.append([it["prompt"], "/".join(it["answers"])] +
                         [("✓ " if recs[p][i]["correct"] else "") + recs[p][i]["completion"].strip() for p in ctx.profiles])
         md.append(md_table(["prompt", "expected"] + ctx.profiles, rows))
-    result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "records": out, "summary": summary}
+    result = {"settings": ctx.settings(max_tokens=ctx.max_tokens(MAX_TOKENS), temperature=0), "records": out,
+              "summary": summary}
     write_report(ctx, "completions", result, "".join(md))
     return result
 
@@ -130,7 +134,8 @@ async def familiarity(ctx: EvalContext) -> dict:
     opening = reading(ctx, summary, "Familiarity") + " " + sentence
     md = ("# Familiarity\n\n" + opening +
           "\n\nShare of prompts answered correctly (an accepted answer in the greedy "
-          f"{MAX_TOKENS}-token completion), share of completions that mention {ctx.topics.title} (lexicon), the "
+          f"{ctx.max_tokens(MAX_TOKENS)}-token completion{CHAT if ctx.chat else ''}), share of completions that "
+          f"mention {ctx.topics.title} (lexicon), the "
           "mean probability of the accepted answer's first token, and fluency: the mean log-probability (nats per "
           f"token) `{ctx.baseline}` gives each completion after its first token — forgetting that leaves junk "
           "text (stray markup, repeats) shows as a fall here, a plausible wrong answer hardly.\n\n" +
@@ -140,7 +145,8 @@ async def familiarity(ctx: EvalContext) -> dict:
                  {f"{k} correct": [summary[k][p]["correct_rate"] for p in ctx.profiles] for k in sets}
                  | {f"{k} mentions": [summary[k][p]["mention_rate"] for p in ctx.profiles] for k in ctx.topics.names},
                  ylabel="share")
-    result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "summary": summary, "records": recs}
+    result = {"settings": ctx.settings(max_tokens=ctx.max_tokens(MAX_TOKENS), temperature=0), "summary": summary,
+              "records": recs}
     write_report(ctx, "familiarity", result, md)
     return result
 
@@ -193,7 +199,7 @@ async def robustness(ctx: EvalContext) -> dict:
           md_table(["set"] + ctx.profiles, rows) + "\n![robustness](robustness.png)\n\n" + fluency)
     grouped_bars(ctx.out / "robustness.png", "Correct rate by robustness set", sets,
                  {p: [summary[s][p]["correct_rate"] for s in sets] for p in ctx.profiles}, ylabel="correct rate")
-    result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "summary": summary, "leak": leak,
-              "records": recs}
+    result = {"settings": ctx.settings(max_tokens=ctx.max_tokens(MAX_TOKENS), temperature=0), "summary": summary,
+              "leak": leak, "records": recs}
     write_report(ctx, "robustness", result, md)
     return result

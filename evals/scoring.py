@@ -14,10 +14,18 @@ N_TOKENS = 35
 
 
 async def next_token_probs(ctx: EvalContext, prompt: str, profile: str) -> dict[str, float]:
+    """The top-k next tokens after `prompt` (chat: the first token of the reply) and their probabilities."""
+    if ctx.chat:
+        r = await ctx.client.chat([{"role": "user", "content": prompt}], profile, max_tokens=1, temperature=0,
+                                  logprobs=True, top_logprobs=TOP_K)
+        lp = r.choices[0].logprobs
+        if lp is None or not lp.content:
+            raise EvalError(f"the tokens report needs top logprobs (top_logprobs={TOP_K}) from the server")
+        return {t.token: math.exp(t.logprob) for t in lp.content[0].top_logprobs}
     r = await ctx.client.complete(prompt, profile, max_tokens=1, temperature=0, logprobs=TOP_K)
     lp = r.choices[0].logprobs
     if lp is None or not lp.top_logprobs or lp.top_logprobs[0] is None:
-        raise EvalError("the tokens report needs top logprobs (logprobs=20) from the server")
+        raise EvalError(f"the tokens report needs top logprobs (logprobs={TOP_K}) from the server")
     return {t: math.exp(v) for t, v in lp.top_logprobs[0].items()}
 
 

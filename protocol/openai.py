@@ -282,12 +282,23 @@ class ProfileList(BaseModel):
 
 # --- tokenizer endpoints, as vLLM serves them (lm-eval's `tokenizer_backend=remote` uses them) ---
 class TokenizeRequest(OpenAIBaseModel):
+    """A prompt, or chat messages (vLLM's chat form: rendered with the served chat template, the ids
+    returned are the prompt a chat completion is served with)."""
     model: str | None = Field(default=None, max_length=MAX_NAME)
-    prompt: str
-    add_special_tokens: bool = True
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True  # prompts only: a chat prompt's special tokens are the template's
     return_token_strs: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     _unicode = field_validator("prompt", "model")(_check_unicode)
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
 
 
 class TokenizeResponse(BaseModel):

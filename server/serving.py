@@ -78,7 +78,11 @@ class CompletionServing:
 
     # ---- the tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) ----------------------
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
-        ids = self.tok(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        if req.messages is not None:  # as a chat completion's prompt (without a profile's prefix)
+            ids = self._tokens(self.render(req))
+            ids = self._bos + (ids[1:] if self._bos and ids[:1] == self._bos else ids)
+        else:
+            ids = self.tok(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
         strs = self.tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
 
@@ -288,7 +292,7 @@ class CompletionServing:
         return await _respond(CompletionResponder(call, req, self.tok, self.model.name), req.stream)
 
     # ---- chat: messages rendered with the chat template, then served as a completion ----------
-    def render(self, req: ChatCompletionRequest) -> str:
+    def render(self, req: ChatCompletionRequest | TokenizeRequest) -> str:
         if self.chat_template is None:
             raise InvalidRequest(f"the model {self.model.name!r} has no chat template: start the server with "
                                  f"--chat-template FILE (a Jinja template, as vLLM's flag) or use /v1/completions",

@@ -127,7 +127,7 @@ def _sae(args):
     from workshop.discover import layer_of
 
     try:
-        ref = args.sae or shipped_sae()
+        ref = args.sae or shipped_sae(args.model)
         sae = load_sae(ref)
         hookpoint = args.hookpoint or sae.cfg.metadata.hook_name
         return sae, ref, hookpoint, layer_of(hookpoint)
@@ -225,6 +225,8 @@ def add_unlearn(sub) -> None:
                    help="text on what must be kept (nearby topics, other fiction…); repeatable, each judged alone")
     p.add_argument("--dev-prompts", type=Path,
                    help="JSONL {prompt, answers, set: forget|generic|nearby} to choose the profile by")
+    p.add_argument("--chat", action="store_true", help="ask the dev prompts (and --report's) as a user's chat "
+                   "message, through the model's chat template (a chat model's questions)")
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--method", choices=["sae", *METHODS], default="sae",
                    help="sae: ablate SAE features (default); rmu, graddiff or npo: train a LoRA adapter (the fine-tuned "
@@ -304,7 +306,7 @@ def cmd_unlearn(args) -> int:
             raise CLIError(f"--topic: {e}") from None
     t0 = time.perf_counter()
     try:
-        inputs = read_inputs(args.forget, args.retain, args.dev_prompts)
+        inputs = read_inputs(args.forget, args.retain, args.dev_prompts, args.chat)
     except UnlearnError as e:
         raise CLIError(str(e)) from None
     # deferred: the command line answers --help and bad arguments before torch and the model stack load
@@ -317,7 +319,7 @@ def cmd_unlearn(args) -> int:
         try:
             lm = load_model(args.model, device="cpu", dtype="float32")
             if args.method == "sae":
-                result = run(lm, args.name, inputs, args.sae or shipped_sae(), Path(work), args.docs,
+                result = run(lm, args.name, inputs, args.sae or shipped_sae(args.model), Path(work), args.docs,
                              args.generic_retain, scales, ks, outliers, goals, args.condition, args.generated,
                              args.markup_guard)
             else:
@@ -346,7 +348,7 @@ def cmd_unlearn(args) -> int:
           f"serve it with: obliviate serve --profiles {args.out}")
     if args.report:
         try:
-            index = report(lm, args.name, args.out, args.topic, args.report, args.report_limit)
+            index = report(lm, args.name, args.out, args.topic, args.report, args.report_limit, args.chat)
         except (EvalError, APIError, ProfileError) as e:
             raise CLIError(f"{path} was written, but the reports failed: {e}") from None
         print(f"\nreports for baseline and {args.name} ({args.topic}, test split) in {args.report}:\n"

@@ -22,6 +22,7 @@ class Inputs:
     forget: list[list[str]]  # one list per forget file: a topic each
     retain: list[list[str]]  # one list per retain file
     dev: dict[str, list[dict]] | None  # set -> [{prompt, answers}]
+    chat: bool = False  # the dev prompts are a user's chat messages (asked through the chat template)
 
 
 def read_files(paths: list[Path], what: str) -> list[list[str]]:
@@ -58,7 +59,7 @@ def read_dev(path: Path) -> dict[str, list[dict]]:
     return {k: v for k, v in sets.items() if v}
 
 
-def read_inputs(forget: list[Path], retain: list[Path], dev: Path | None) -> Inputs:
+def read_inputs(forget: list[Path], retain: list[Path], dev: Path | None, chat: bool = False) -> Inputs:
     topics = read_files(forget, "forget")
     for p, texts in zip(forget, topics):
         chars = sum(map(len, texts))
@@ -75,6 +76,6 @@ def read_inputs(forget: list[Path], retain: list[Path], dev: Path | None) -> Inp
     if len(shared) > 0.1 * len(forget_texts):
         raise UnlearnError(f"{len(shared)} of the {len(forget_texts)} forget texts are also in the retain files: "
                            f"the retain text must be about other things")
-    return Inputs(topics, retain_sets, read_dev(dev) if dev else None)
+    return Inputs(topics, retain_sets, read_dev(dev) if dev else None, chat)
 
 

@@ -21,11 +21,13 @@ class Scores:
     ce: float = 0.0
 
 
-async def score(url: str, profiles: list[str], sets: dict[str, list[dict]], n_docs: int) -> dict[str, Scores]:
-    """Scores of each profile over HTTP: answers in each prompt set ({prompt, answers} items), the
-    fluency of its `forget` completions (evals.generation), and CE on n_docs held-out documents."""
+async def score(url: str, profiles: list[str], sets: dict[str, list[dict]], n_docs: int,
+                chat: bool = False) -> dict[str, Scores]:
+    """Scores of each profile over HTTP: answers in each prompt set ({prompt, answers} items; chat: asked
+    as a user's message), the fluency of its `forget` completions (evals.generation), and CE on n_docs
+    held-out documents."""
     client = AsyncClient(url, concurrency=8)
-    ctx = EvalContext(client, profiles, Path("."), split="dev")
+    ctx = EvalContext(client, profiles, Path("."), split="dev", chat=chat)
     out = {p: Scores() for p in profiles}
     try:
         for name, items in sets.items():

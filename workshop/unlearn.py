@@ -126,10 +126,11 @@ def serving(lm, profiles_dir: Path):
     return LiveServer(Settings(profiles=[default_profiles_dir(), profiles_dir]), lm)  # the app loads the profiles
 
 
-def report(lm, name: str, profiles_dir: Path, topics: str, out: Path, limit: int | None = None) -> Path:
+def report(lm, name: str, profiles_dir: Path, topics: str, out: Path, limit: int | None = None,
+           chat: bool = False) -> Path:
     """Every eval report for `baseline` and NAME on the topics' test split, against a loopback server."""
     with serving(lm, profiles_dir) as srv:
-        asyncio.run(run_reports(srv.url, [name], out, topic=topics, baseline="baseline", limit=limit))
+        asyncio.run(run_reports(srv.url, [name], out, topic=topics, baseline="baseline", limit=limit, chat=chat))
     return out / "index.md"
 
 
@@ -182,7 +183,7 @@ def evaluate(lm, work: Path, candidates: dict[str, Candidate], inputs: Inputs, n
     for name, c in candidates.items():
         (work / f"{name}.yaml").write_text(c.spec.to_yaml())
     with serving(lm, work) as srv:
-        scores = asyncio.run(score(srv.url, ["baseline", *candidates], inputs.dev or {}, n_docs))
+        scores = asyncio.run(score(srv.url, ["baseline", *candidates], inputs.dev or {}, n_docs, inputs.chat))
     base_ce = scores["baseline"].ce
     outcomes = {p: Outcome(s, 100 * (s.ce - base_ce) / base_ce, candidates.get(p)) for p, s in scores.items()}
     chosen, why = choose(outcomes, list(candidates), goals)

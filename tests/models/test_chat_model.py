@@ -3,11 +3,14 @@ same loading, hooks and servers as Gemma: chat with its own template on both eng
 greedy-equal between the engines, and mixed-profile rows equal to solo rows. Its vLLM server runs two
 data-parallel engines (`--data-parallel-size 2`): the hooks, profiles and trigger audit work in both."""
 
+import asyncio
 import concurrent.futures as cf
+import json
 
 import httpx
 import pytest
 
+from evals.cli import run_reports
 from models.loading import CHAT_MODEL
 from server.live import LiveServer, ServerProcess
 from server.settings import Settings
@@ -95,3 +98,34 @@ def test_mixed_profile_rows_equal_solo_rows(smol, engine):
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         mixed = list(pool.map(lambda job: chat(url, *job)["message"]["content"], jobs))
     assert mixed == solo
+
+
+def test_tokenize_renders_messages_as_the_chat_route_does(smol):
+    """/tokenize with messages (vLLM's chat form) gives the prompt a chat completion is served with; the
+    same ids sent back as a completion prompt get the same greedy reply."""
+    for srv in smol:
+        user = [{"role": "user", "content": QUESTIONS[2]}]
+        ids = httpx.post(srv.url + "/tokenize", json={"messages": user}).json()["tokens"]
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": user, "max_tokens": 8, "temperature": 0},
+                       timeout=300).json()
+        assert r["usage"]["prompt_tokens"] == len(ids)
+        again = httpx.post(srv.url + "/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0},
+                           timeout=300).json()
+        assert again["choices"][0]["text"] == r["choices"][0]["message"]["content"]
+        bad = httpx.post(srv.url + "/tokenize", json={"prompt": "x", "messages": user})
+        assert bad.status_code == 400 and "either prompt or messages" in bad.json()["error"]["message"]
+
+
+def test_eval_asks_a_chat_model_through_chat_completions(smol, tmp_path):
+    """`obliviate eval --chat`: the familiarity report's answers are the assistant's replies, and its fluency
+    is the logprob of the reply after the rendered question."""
+    url = smol[0].url
+    res = asyncio.run(run_reports(url, ["t_zero"], tmp_path, report="familiarity", topic="hp_chat", limit=2,
+                                  chat=True))["familiarity"]
+    rec = res["records"]["hp"]["baseline"][0]
+    assert res["settings"]["chat"] and res["settings"]["sampling"]["max_tokens"] == 32
+    reply = chat(url, rec["prompt"], "baseline", max_tokens=32)["message"]["content"]
+    assert rec["completion"] == reply and rec["answer_prob"] is None
+    assert -3 < rec["fluency"] < 0  # the model's own greedy reply is likely under it
+    assert set(res["records"]) == {"hp", "generic", "nearby"}
+    assert any(r["correct"] for r in res["records"]["hp"]["baseline"]), json.dumps(res["records"]["hp"])
