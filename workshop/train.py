@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ablation.sae_io import load_sae
 from models.loading import load_model
+from models.names import DEFAULT_MODEL
 from workshop import corpus
 from workshop.activations import residual_batches
 from workshop.card import activation_stats, card_markdown, ce_numbers
@@ -273,7 +274,8 @@ _FLAGS = {"width": "--width", "k": "--k", "generic_tokens": "--generic-tokens", 
 def reproduce(card: dict) -> str:
     """The `obliviate sae train` command line of a card (topic files named as in the shipped data folder)."""
     cfg, data = card["config"], "workshop/data/"
-    args = [f"--layers {','.join(map(str, cfg['layers']))}"] if cfg["layers"] != [6, 9] else []
+    args = [f"--model {card['served_name']}"] if card.get("served_name", DEFAULT_MODEL) != DEFAULT_MODEL else []
+    args += [f"--layers {','.join(map(str, cfg['layers']))}"] if cfg["layers"] != [6, 9] else []
     if cfg["topic_files"] != ["hp_topic.txt"] or cfg["prompt_files"] != ["hp_sampling_prompts.txt"]:
         args += [f"--topic {data}{f}" for f in cfg["topic_files"]] + [f"--sample-prompts {data}{f}"
                                                                        for f in cfg["prompt_files"]]

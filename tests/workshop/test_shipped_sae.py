@@ -1,5 +1,5 @@
-"""The shipped SAE loads through the same path as any sae_lens SAE, and its card's numbers hold
-on a small slice of the held-out text."""
+"""The shipped SAEs load through the same path as any sae_lens SAE, and their cards' numbers hold
+on a small slice of the held-out text (each with its own model: Gemma's, SmolLM2's)."""
 
 import json
 from pathlib import Path
@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from ablation.sae_io import load_sae
+from models.loading import load_model
+from models.names import DEFAULT_MODEL
 from evals.common import load_jsonl
 from workshop.card import activation_stats, ce_numbers
 from workshop.train import heldout_acts
@@ -22,12 +24,15 @@ def shipped(request):
 def test_card_meets_the_bar(shipped):
     _, card = shipped
     assert card["ce_loss_recovered"] >= 0.95 and card["dead_fraction"] <= 0.15
+    assert card.get("served_name", DEFAULT_MODEL) in shipped[0].name  # named for its model
     assert (shipped[0] / "card.md").exists()
     assert sum(f.stat().st_size for f in shipped[0].iterdir()) <= 25 * 2**20
 
 
 def test_card_numbers_recheck_on_a_slice(shipped, lm):
     path, card = shipped
+    model = card.get("served_name", DEFAULT_MODEL)
+    lm = lm if model == DEFAULT_MODEL else load_model(model, device="cpu", dtype="float32")
     sae = load_sae(str(path))
     assert sae.cfg.metadata.hook_name == card["hook_point"] and sae.cfg.d_sae == card["width"]
     tok = lm.tokenizer
