@@ -10,6 +10,7 @@ import json
 import httpx
 import pytest
 
+from ablation.spec import default_profiles_dir
 from evals.cli import run_reports
 from models.loading import CHAT_MODEL
 from server.live import LiveServer, ServerProcess
@@ -25,7 +26,8 @@ LOGPROB_ATOL = 2e-3  # as for Gemma (tests/server/test_vllm_engine.py)
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    """A built-in server and a vLLM server for the chat model, with test profiles on a random SAE."""
+    """A built-in server and a vLLM server for the chat model: its shipped profiles, and test profiles on a
+    random SAE."""
     d = tmp_path_factory.mktemp("smol")
     sae = save_sae(build_sae("standard", 576, seed=1), d / "sae", hookpoint=HOOKPOINT)
     pdir = d / "profiles"
@@ -33,8 +35,9 @@ def smol(tmp_path_factory):
     for name in MODES:
         write_profile(pdir, name, sae, hookpoint=HOOKPOINT, model=CHAT_MODEL, **TEST_PROFILES[name])
     log = open(d / "vllm.log", "w")
-    settings = Settings(model=CHAT_MODEL, profiles=[pdir], max_model_len=512)
-    args = ["--engine", "vllm", "--model", CHAT_MODEL, "--profiles", str(pdir), "--max-model-len", "512",
+    settings = Settings(model=CHAT_MODEL, profiles=[default_profiles_dir(), pdir], max_model_len=512)
+    args = ["--engine", "vllm", "--model", CHAT_MODEL, "--profiles", str(default_profiles_dir()),
+            "--profiles", str(pdir), "--max-model-len", "512",
             "--data-parallel-size", "2"]
     try:
         with LiveServer(settings) as builtin, \
@@ -129,3 +132,15 @@ def test_eval_asks_a_chat_model_through_chat_completions(smol, tmp_path):
     assert -3 < rec["fluency"] < 0  # the model's own greedy reply is likely under it
     assert set(res["records"]) == {"hp", "generic", "nearby"}
     assert any(r["correct"] for r in res["records"]["hp"]["baseline"]), json.dumps(res["records"]["hp"])
+
+
+def test_the_shipped_hp_unlearn_forgets_in_chat_on_both_engines(smol):
+    """The chat model's own `hp_unlearn` (its SAE, chosen by `obliviate unlearn --chat`): the author is gone
+    from the reply, the trigger audit says why, and a question about something else is answered as before."""
+    for srv in smol:
+        base, gone = (chat(srv.url, QUESTIONS[0], p, max_tokens=24) for p in ("baseline", "hp_unlearn"))
+        assert "Rowling" in base["message"]["content"] and "Rowling" not in gone["message"]["content"], gone
+        assert gone["unlearning"]["triggered"]
+        other = [chat(srv.url, QUESTIONS[2], p, max_tokens=24) for p in ("baseline", "hp_unlearn")]
+        assert other[0]["message"] == other[1]["message"] and "Rome" in other[0]["message"]["content"]
+        assert not other[1]["unlearning"]["triggered"]
