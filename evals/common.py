@@ -184,6 +184,8 @@ class EvalContext:
         """Logprobs of the tokens of `continuation` after `prompt` (echo + logprobs); in chat mode, of the
         assistant's reply `continuation` to the user message `prompt` (an empty prompt: plain text)."""
         chat = self.chat and bool(prompt)
+        if chat and not continuation.strip():
+            return []  # an empty reply (the assistant ended at once) has no tokens to score
         try:
             if chat:  # the server renders both; the reply's tokens follow the rendered question's
                 user = [{"role": "user", "content": prompt}]
