@@ -59,7 +59,7 @@ def test_topic_files_and_topics_are_checked_before_any_work(tmp_path):
     assert f"{missing}: topic file not found" in one_line_error(obliviate("sae", "train", "--topic", str(missing)))
     assert f"{empty}: no prompt text in it" in one_line_error(obliviate("sae", "train", "--sample-prompts", str(empty)))
     assert "--name 'a/b': use letters" in one_line_error(obliviate("sae", "train", "--name", "a/b"))
-    assert "unknown topic 'startrek': use one of hp, sw" in one_line_error(
+    assert "unknown topic 'startrek': use one of hp, hp_chat, sw" in one_line_error(
         obliviate("eval", "familiarity", "--topic", "startrek", "--server", "http://127.0.0.1:9"))
     forget = ["--forget", str(empty), "--retain", str(empty)]
     assert "--report needs --topic" in one_line_error(obliviate("unlearn", "x", *forget, "--report", str(tmp_path)))
