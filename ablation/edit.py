@@ -3,7 +3,9 @@
 reconstruct  (keep_error=False): x' = decode(a')           the seed's method; `sae_only` when a' = a
 keep_error   (keep_error=True):  x' = x + decode(a') - decode(a)  only the edited features move x
 where a = encode(x) and a' is a with the chosen features set to their values where `condition` holds
-(`sequence_active`: from the sequence's first firing on, only where each feature is above 0).
+(`sequence_active`: from the sequence's first firing on, only where each feature is above 0), plus a
+steering vector where the edit is on (`steer`: every valid token for `always`, where a feature fires for
+`token`, from the first firing on for the sequence conditions).
 Both also say where the edit *fired* (the trigger audit): where an edited feature is above its
 threshold at a token that may be edited (every such token for `always` and for sae_only).
 
@@ -36,9 +38,12 @@ class EditTensors:
     skip_bos: bool = True
     thresholds: torch.Tensor | None = None  # [k]: a feature fires where its activation is above this
     generated: str = "same"  # at generated tokens: "same" | "zero" (values 0) | "off" (no edit)
+    steer: torch.Tensor | None = None  # [d_model]: added where the edit is on (scale times the unit direction)
 
     @classmethod
-    def from_intervention(cls, iv: Intervention, device: torch.device | str = "cpu") -> "EditTensors":
+    def from_intervention(cls, iv: Intervention, device: torch.device | str = "cpu",
+                          direction: torch.Tensor | None = None) -> "EditTensors":
+        """direction: the unit vector of iv.steer (loaded by the caller: ablation.sae_io.load_direction)."""
         return cls(
             features=torch.tensor([e.feature for e in iv.edits], dtype=torch.long, device=device),
             values=torch.tensor([e.value for e in iv.edits], dtype=torch.float32, device=device),
@@ -47,6 +52,7 @@ class EditTensors:
             skip_bos=iv.skip_bos,
             thresholds=torch.tensor([e.fires_above for e in iv.edits], dtype=torch.float32, device=device),
             generated=iv.generated,
+            steer=None if iv.steer is None else (iv.steer.scale * direction.float()).to(device),
         )
 
     @property
@@ -55,7 +61,7 @@ class EditTensors:
 
     @property
     def is_noop(self) -> bool:
-        return self.keep_error and self.features.numel() == 0
+        return self.keep_error and self.features.numel() == 0 and self.steer is None
 
 
 def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
@@ -93,32 +99,33 @@ def edit_columns(
     fired: torch.Tensor | None = None,
     seq: torch.Tensor | None = None,
     prompt: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """acts: [..., d_sae]; valid: [...] bool (False at padding and BOS); fired: [R] bool, whether an
     edited feature fired earlier in each sequence (condition "sequence", carried across decode
     steps); seq: see token_sequences; prompt: [...] bool, True at prompt tokens (None: all are).
-    Returns the edited features' old and new activations ([..., k] each), the updated `fired` and
-    where the edit fired ([...] bool)."""
+    Returns the edited features' old and new activations ([..., k] each), the updated `fired`, where
+    the edit fired and where it is on ([...] bool each)."""
     sel = acts[..., edit.features]  # [..., k]
     target = edit.values.to(acts.dtype).expand_as(sel)
     if edit.generated == "zero" and prompt is not None:  # generated tokens: set to 0, not to the values
         target = torch.where(prompt[..., None], target, torch.zeros_like(target))
     active = sel > (0 if edit.thresholds is None else edit.thresholds.to(acts.dtype))
     if edit.condition == "always":
-        return sel, target, fired, everywhere(acts, valid)
+        return sel, target, fired, everywhere(acts, valid), everywhere(acts, valid)
     hit = active.any(-1)  # [...]
     if valid is not None:
         hit = hit & valid
     if edit.condition == "token":
-        return sel, torch.where(active, target, sel), fired, hit
+        return sel, torch.where(active, target, sel), fired, hit, hit
     seq = token_sequences(acts.shape, seq, acts.device)
     if fired is None:
         fired = torch.zeros(int(seq.max()) + 1, dtype=torch.bool, device=acts.device)
     on, fired = sequence_on(hit.reshape(-1), seq, fired)
-    where = on.reshape(hit.shape)[..., None]
+    on = on.reshape(hit.shape)
+    where = on[..., None]
     if edit.condition == "sequence_active":  # from the first firing on, only where the feature is active
         where = where & (sel > 0)
-    return sel, torch.where(where, target, sel), fired, hit
+    return sel, torch.where(where, target, sel), fired, hit, on
 
 
 def everywhere(acts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -150,15 +157,18 @@ def apply_edits(
     if edit.is_noop:
         return x, fired, torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
     acts = encode(sae, x)
-    if edit.features.numel() == 0:  # sae_only
-        out, hit = sae.decode(acts).to(x.dtype), everywhere(acts, valid)
+    if edit.features.numel() == 0:  # sae_only, or a steer alone (keep_error)
+        hit = on = everywhere(acts, valid)
+        out = x if edit.keep_error else sae.decode(acts).to(x.dtype)
     else:
-        old, new, fired, hit = edit_columns(acts, edit, valid, fired, seq, prompt)
+        old, new, fired, hit, on = edit_columns(acts, edit, valid, fired, seq, prompt)
         if edit.keep_error:  # x + sum_f (a'_f - a_f) W_dec[f]
             out = x + ((new - old) @ decoder_rows(sae, edit.features)).to(x.dtype)
         else:
             acts[..., edit.features] = new
             out = sae.decode(acts).to(x.dtype)
+    if edit.steer is not None:
+        out = out + (on[..., None] * edit.steer.to(out.dtype))
     keep = valid
     if edit.generated == "off" and prompt is not None:  # generated tokens keep their residual
         keep = prompt if keep is None else keep & prompt

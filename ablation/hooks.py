@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # deferred: the type only (sae_lens, with transformer_lens, t
 from ablation.adapters import Adapter, AdapterEntry, check_adapter, load_adapter
 from ablation.edit import EditTensors, apply_edits
 from ablation.residual import Hookpoint, ResidualFn
-from ablation.sae_io import load_sae, sae_dims
+from ablation.sae_io import load_direction, load_sae, sae_dims
 from ablation.spec import ProfileSpec
 
 CONTEXT_KWARG = "hook_ctx"
@@ -78,7 +78,9 @@ class ProfileTable:
         for iv in spec.interventions:
             if iv.sae not in self.saes:
                 self.saes[iv.sae] = load_sae(iv.sae, device=str(self.device), dtype=self.dtype)
-            edit = EditTensors.from_intervention(iv, self.device)
+            sae = self.saes[iv.sae]
+            direction = None if iv.steer is None else load_direction(iv.steer.vector, sae.cfg.d_in, str(self.device))
+            edit = EditTensors.from_intervention(iv, self.device, direction)
             out.append((Hookpoint.parse(iv.hookpoint), self.saes[iv.sae], edit))
         if self.dims:
             self._check(spec.name, out)

@@ -1,4 +1,5 @@
-"""Loading SAEs through sae_lens: a release + id, or a directory saved with `save_model`."""
+"""Loading SAEs through sae_lens (a release + id, or a directory saved with `save_model`), and the
+steering vectors profiles add beside them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:  # deferred: the type only; load_sae imports sae_lens (13 s with transformer_lens)
     from sae_lens import SAE
@@ -86,3 +89,19 @@ def sae_dims(ref: str) -> tuple[int, int] | None:
         return int(data["d_in"]), int(data["d_sae"])
     except (ValueError, KeyError, TypeError) as e:
         raise SAELoadError(f"{cfg}: not an SAE config ({type(e).__name__}: {e})") from None
+
+
+def load_direction(path: str, d_in: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A steering vector file's "direction" ([d_in], made unit length)."""
+    try:
+        v = load_file(path)["direction"].float().reshape(-1)
+    except (OSError, KeyError, SafetensorError) as e:
+        raise SAELoadError(f"{path}: not a steering vector file (one tensor named 'direction'; {type(e).__name__})") from None
+    if v.numel() != d_in or not bool(torch.isfinite(v).all()) or float(v.norm()) == 0:
+        raise SAELoadError(f"{path}: the steering direction has {v.numel()} finite nonzero values: need {d_in} "
+                           f"(the SAE's d_in)")
+    return (v / v.norm()).to(device=device, dtype=dtype)
+
+
+def save_direction(v: torch.Tensor, path: Path) -> None:
+    save_file({"direction": (v.float() / v.float().norm()).contiguous()}, str(path))

@@ -34,6 +34,16 @@ class FeatureEdit(_Strict):
     fires_above: float = Field(default=0.0, ge=0)
 
 
+class Steer(_Strict):
+    # a direction added to the residual wherever the intervention's edit is on (for the sequence conditions:
+    # every position from the first firing on, generated tokens included): `scale` times the unit vector saved
+    # in `vector` (a safetensors file with one [d_model] tensor "direction", as `obliviate unlearn --steer`
+    # writes it; a relative path is resolved against the profile file's directory). Towards what the model
+    # says when it does not know, the forgotten answer is replaced by text the model would write anyway.
+    vector: str
+    scale: float = Field(allow_inf_nan=False)
+
+
 class Intervention(_Strict):
     hookpoint: str
     # "release:sae_id" for a sae_lens release, or a directory saved with `save_model`
@@ -52,6 +62,7 @@ class Intervention(_Strict):
     # edited features set to 0 instead of their (negative) values, so the text that replaces a forgotten
     # answer is not pushed off-distribution; "off": not edited
     generated: Literal["same", "zero", "off"] = "same"
+    steer: Steer | None = None
     # leave position 0 (BOS, an attention sink with a residual norm ~10x the rest that SAEs are
     # not trained on) untouched; false reproduces hooks that edit every position
     skip_bos: bool = True
@@ -135,7 +146,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def resolve_sae_paths(spec: ProfileSpec, path: Path) -> ProfileSpec:
-    """SAE and adapter folders given relative to the profile file at `path`, made absolute (and checked to
+    """SAE and adapter folders and steering vectors given relative to the profile file at `path`, made absolute (and checked to
     exist)."""
     base = path.parent
     adapter = spec.adapter
@@ -150,7 +161,12 @@ def resolve_sae_paths(spec: ProfileSpec, path: Path) -> ProfileSpec:
             sae = str((base / sae).resolve())
             if not (Path(sae) / "cfg.json").exists():
                 raise ProfileError(f"{path}: SAE directory {sae} not found (no cfg.json)")
-        fixed.append(iv.model_copy(update={"sae": sae}))
+        steer = iv.steer
+        if steer is not None:
+            steer = steer.model_copy(update={"vector": str((base / steer.vector).resolve())})
+            if not Path(steer.vector).is_file():
+                raise ProfileError(f"{path}: steering vector {steer.vector} not found")
+        fixed.append(iv.model_copy(update={"sae": sae, "steer": steer}))
     return spec.model_copy(update={"interventions": fixed, "adapter": adapter})
 
 

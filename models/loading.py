@@ -214,10 +214,21 @@ def load_model(
 
 
 def hooked_transformer(lm: LoadedModel):
-    """The TransformerLens view of the same weights: the reference the engine is checked against,
-    and what SAE training and feature discovery read activations from."""
-    from transformer_lens import HookedTransformer  # deferred: heavy, and only references and training use it
+    """The TransformerLens view of the same weights: the reference the engines are checked against. A model
+    TransformerLens does not list by name (SmolLM2) gets its config from the local folder's config.json and
+    its weights through TransformerLens's converter for that architecture."""
+    from transformer_lens import HookedTransformer  # deferred: heavy, and only the references use it
+    from transformer_lens import loading_from_pretrained as tl_loading  # deferred: as above
 
-    return HookedTransformer.from_pretrained_no_processing(
-        lm.hf_name, hf_model=lm.model, tokenizer=lm.tokenizer, device=str(lm.device), dtype=lm.dtype
-    )
+    kw = dict(hf_model=lm.model, tokenizer=lm.tokenizer, device=str(lm.device), dtype=lm.dtype)
+    try:
+        tl_loading.get_official_model_name(lm.hf_name)
+    except ValueError:
+        name = str(lm.path)  # TransformerLens takes a local folder where it takes a name
+        cfg = tl_loading.get_pretrained_model_config(name, device=str(lm.device), dtype=lm.dtype)
+        model = HookedTransformer(cfg, lm.tokenizer, move_to_device=False)
+        model.load_and_process_state_dict(
+            tl_loading.get_pretrained_state_dict(name, cfg, lm.model, dtype=lm.dtype), fold_ln=False,
+            center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+        return model.to(lm.device).eval()
+    return HookedTransformer.from_pretrained_no_processing(lm.hf_name, **kw)

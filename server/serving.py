@@ -170,19 +170,29 @@ class CompletionServing:
         return spec
 
     def _inline_spec(self, data: dict) -> ProfileSpec:
-        """An inline profile spec, checked as a profile file is; its SAEs and adapter must be ones served
+        """An inline profile spec, checked as a profile file is; its SAEs, steering vectors and adapter must be ones served
         profiles use (by their reference, or by the folder's name): a request never makes the server read
         a file of its choosing."""
         spec = self.spec_from({"name": INLINE, **data}, param="profile")
         known = {iv.sae: iv.sae for s in self.specs.values() for iv in s.interventions}
         known |= {Path(ref).name: ref for ref in list(known) if Path(ref).is_absolute()}
+        vectors = {iv.steer.vector for s in self.specs.values() for iv in s.interventions if iv.steer}
+        vectors = {v: v for v in vectors} | {Path(v).name: v for v in vectors}
         fixed = []
         for iv in spec.interventions:
             if iv.sae not in known:
                 raise InvalidRequest(f"inline profile: SAE {shown(iv.sae)} is not one this server has; its SAEs: "
                                      f"{', '.join(sorted(k for k in known if not Path(k).is_absolute()))}",
                                      param="profile", code="unknown_sae")
-            fixed.append(iv.model_copy(update={"sae": known[iv.sae]}))
+            steer = iv.steer
+            if steer is not None:
+                if steer.vector not in vectors:
+                    raise InvalidRequest(f"inline profile: steering vector {shown(steer.vector)} is not one this "
+                                         f"server has; its vectors: "
+                                         f"{', '.join(sorted(k for k in vectors if not Path(k).is_absolute())) or 'none'}",
+                                         param="profile", code="unknown_steering_vector")
+                steer = steer.model_copy(update={"vector": vectors[steer.vector]})
+            fixed.append(iv.model_copy(update={"sae": known[iv.sae], "steer": steer}))
         adapters = {s.adapter for s in self.specs.values() if s.adapter}
         adapters = {a: a for a in adapters} | {Path(a).name: a for a in adapters}
         if spec.adapter is not None and spec.adapter not in adapters:

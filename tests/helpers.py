@@ -14,6 +14,8 @@ import yaml
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
 from ablation.hooks import HookContext, ProfileTable, ResidualHook
+from ablation.sae_io import sae_dims, save_direction
+from server.engine.base import Prompt, SamplingParams
 
 ALL_ARCHITECTURES = ["standard", "jumprelu", "topk"]
 HOOKPOINT = "blocks.6.hook_resid_post"
@@ -62,6 +64,9 @@ def save_sae(sae, path: Path, hookpoint: str = HOOKPOINT) -> Path:
 
 def write_profile(dir: Path, name: str, sae_dir: Path, hookpoint: str = HOOKPOINT, markup_guard: bool = False,
                   model: str = "gemma-3-270m", **iv) -> Path:
+    if "steer" in iv and not (dir / iv["steer"]["vector"]).exists():  # a seeded random direction
+        d_in, _ = sae_dims(str(sae_dir))
+        save_direction(torch.randn(d_in, generator=torch.Generator().manual_seed(2)), dir / iv["steer"]["vector"])
     spec = {"name": name, "description": f"test profile {name}", "model": model, "markup_guard": markup_guard,
             "interventions": [{"hookpoint": hookpoint, "sae": str(sae_dir), **iv}]}
     path = dir / f"{name}.yaml"
@@ -82,6 +87,10 @@ TEST_PROFILES = {
                      "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
     "t_gen_zero": {"keep_error": True, "condition": "sequence", "generated": "zero",
                    "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
+    # the sequence clamp plus a steering vector from the trigger on (written by write_profile)
+    "t_steer": {"keep_error": True, "condition": "sequence", "generated": "zero",
+                "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}],
+                "steer": {"vector": "steer.safetensors", "scale": 20.0}},
     "t_gen_off": {"keep_error": True, "condition": "sequence", "generated": "off",
                   "edits": [{"feature": 1, "value": -40.0}, {"feature": 5, "value": -40.0}]},
     # switches on at once (features 1 and 5 fire on every token) and changes little (zeroed, error kept)
@@ -142,3 +151,47 @@ def staggered_texts(url: str, jobs: list[tuple[str, str]], max_tokens: int) -> l
                 return r.json()["choices"][0]["text"]
             return await asyncio.gather(*(one(j, *job) for j, job in enumerate(jobs)))
     return asyncio.run(together())
+
+
+# The built-in engine through its interface (generate), for the engine and model tests.
+def prompt(engine, text: str) -> Prompt:
+    return Prompt([engine.tok.bos_token_id], engine.tok(text, add_special_tokens=False).input_ids)
+
+
+async def collect(engine, text, profile, request_id=None, **params):
+    """-> (token ids, prompt logprobs, token logprobs) of one greedy choice."""
+    params = SamplingParams(**{"max_tokens": 0, "temperature": 0, **params})
+    tokens, prompt_lp, finish = [], None, None
+    async for out in engine.generate(request_id or f"t-{id(params)}-{text}", [prompt(engine, text)], params, profile):
+        tokens += out.tokens
+        prompt_lp = out.prompt_logprobs or prompt_lp
+        finish = out.finish_reason or finish
+    assert finish in ("stop", "length")
+    return [t.token_id for t in tokens], prompt_lp, tokens
+
+
+def run(engine, text, profile, **params):
+    return asyncio.run(collect(engine, text, profile, **params))
+
+
+def prompt_logprobs(engine, text, profile):
+    """[L, 1 + 20]: each prompt token's logprob and its top-20 alternatives' (the engine's view)."""
+    _, lp, _ = run(engine, text, profile, logprobs=20, prompt_logprobs=True)
+    return lp
+
+
+def transformer_lens_gap(engine, tl_model, table: ProfileTable, text: str, profile: str) -> float:
+    """The largest |logprob difference| between the engine's prompt logprobs of `text` under `profile` (each
+    token's and its top-20 alternatives') and TransformerLens run with the same hook; asserts the engine's
+    top token is the reference's at every position."""
+    ours = prompt_logprobs(engine, text, profile)
+    ids = [engine.tok.bos_token_id] + engine.tok(text, add_special_tokens=False).input_ids
+    with torch.inference_mode(), ablated(tl_model, profile, table):
+        ref = torch.log_softmax(tl_model(torch.tensor([ids]))[0].float(), -1)  # [L, V]
+    diff = 0.0
+    for pos, info in enumerate(ours, start=1):  # info: the token at `pos`, predicted at pos - 1
+        diff = max(diff, abs(info.logprob - ref[pos - 1, info.token_id].item()))
+        for t, v in info.top.items():
+            diff = max(diff, abs(v - ref[pos - 1, t].item()))
+        assert max(info.top, key=info.top.get) == int(ref[pos - 1].argmax()), (profile, text, pos)
+    return diff

@@ -261,6 +261,13 @@ def add_unlearn(sub) -> None:
                    help=f"the edit at generated tokens: as in the prompt, zeroing, or none (default {GENERATED})")
     p.add_argument("--markup-guard", action=argparse.BooleanOptionalAction, default=MARKUP_GUARD,
                    help="ban tag tokens once the edit is on (profile field markup_guard; default on)")
+    p.add_argument("--steer-replies", type=Path, metavar="FILE",
+                   help="sae: replies of a model that does not know the topic, one a line (e.g. "
+                        "workshop/data/dont_know_replies.txt); each candidate is also tried steered from its own "
+                        "answers towards them from the trigger on (workshop/steer.py; needs --dev-prompts)")
+    p.add_argument("--steer-scales", type=comma_list(float), default=[0.0, 0.25, 0.5],
+                   help="with --steer-replies: steering strengths to try, as fractions of the gap between the two "
+                        "mean residuals (0: no steering; default 0,0.25,0.5)")
     g = Goals()
     p.add_argument("--min-generic", type=float, default=g.generic, help=f"share of baseline's generic dev answers "
                    f"to keep (default {g.generic})")
@@ -297,6 +304,9 @@ def cmd_unlearn(args) -> int:
                        f"sequence_active), or --no-markup-guard with --condition {args.condition}")
     if args.report and not args.topic:
         raise CLIError("--report needs --topic: the eval topic's prompts and lexicon (hp, sw, hp,sw or a topic YAML)")
+    if args.steer_replies and (args.method != "sae" or not args.dev_prompts or not args.steer_scales
+                               or min(args.steer_scales) < 0):
+        raise CLIError("--steer-replies goes with --method sae and --dev-prompts, and needs --steer-scales ≥ 0")
     if args.report_limit is not None and args.report_limit < 1:
         raise CLIError("need --report-limit ≥ 1")
     if args.topic:
@@ -307,27 +317,33 @@ def cmd_unlearn(args) -> int:
     t0 = time.perf_counter()
     try:
         inputs = read_inputs(args.forget, args.retain, args.dev_prompts, args.chat)
+        steer = (read_files([args.steer_replies], "steer reply")[0], tuple(args.steer_scales)) \
+            if args.steer_replies else None
     except UnlearnError as e:
         raise CLIError(str(e)) from None
     # deferred: the command line answers --help and bad arguments before torch and the model stack load
     from ablation.sae_io import SAELoadError, shipped_sae
     from ablation.spec import ProfileError
     from models.loading import ModelLoadError, load_model
+    from models.names import chat_template
     from workshop.unlearn import final_profile, report, run, run_finetuned, summary
 
     with tempfile.TemporaryDirectory() as work:
         try:
             lm = load_model(args.model, device="cpu", dtype="float32")
+            if args.chat and not chat_template(None, lm.tokenizer):
+                raise CLIError(f"--chat: {args.model} has no chat template (its tokenizer_config.json names none); "
+                               f"score its dev prompts as plain text without --chat")
             if args.method == "sae":
                 result = run(lm, args.name, inputs, args.sae or shipped_sae(args.model), Path(work), args.docs,
                              args.generic_retain, scales, ks, outliers, goals, args.condition, args.generated,
-                             args.markup_guard)
+                             args.markup_guard, steer)
             else:
                 cfg = AdapterConfig(args.method, args.layer, args.rank, args.steps, lr=args.lr, steer=args.steer,
                                   retain_weight=args.retain_weight, beta=args.beta)
                 result = run_finetuned(lm, args.name, inputs, Path(work), cfg, scales, args.docs, args.generic_retain,
                                        goals)
-        except (UnlearnError, SAELoadError, ModelLoadError, ProfileError, ValueError) as e:
+        except (UnlearnError, SAELoadError, ModelLoadError, ProfileError, ValueError, APIError) as e:
             raise CLIError(str(e)) from None
         print(summary(result))
         if result.chosen is None:
@@ -342,6 +358,12 @@ def cmd_unlearn(args) -> int:
             shutil.copytree(spec.adapter, folder)
             shutil.copyfile(result.trained.path / "training.json", folder / "training.json")
             spec = spec.model_copy(update={"adapter": folder.name})
+        iv = spec.interventions[0] if spec.interventions else None
+        if iv and iv.steer:  # the direction goes next to the profile too
+            vector = args.out / f"{args.name}.steer.safetensors"
+            shutil.copyfile(iv.steer.vector, vector)
+            iv = iv.model_copy(update={"steer": iv.steer.model_copy(update={"vector": vector.name})})
+            spec = spec.model_copy(update={"interventions": [iv, *spec.interventions[1:]]})
     path.write_text(spec.to_yaml())
     what = f"adapter {args.out / spec.adapter}" if spec.adapter else f"{len(spec.interventions[0].edits)} features"
     print(f"\nwrote {path} ({what}) in {time.perf_counter() - t0:.0f} s; "

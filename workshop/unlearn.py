@@ -17,6 +17,10 @@ to a profile that forgets it.
    threshold, then the more fluent forget completions) is written as NAME.yaml, with its numbers in the notes.
    Without dev prompts: the largest k within the loss bound.
 
+`--steer-replies FILE` adds a steering direction to the candidates (workshop/steer.py): from the model's own
+answers to the forget dev prompts towards the replies in FILE (what it would say not knowing), added from the
+trigger on at each `--steer-scales` fraction of the gap; scored and chosen by the same rules.
+
 `--method rmu|graddiff` makes the fine-tuned comparators the same way: a LoRA adapter is trained on the
 same forget and retain text (workshop/finetune.py), its candidates are the adapter at several strengths
 (`--scales` of its update), and they are served, scored and chosen by the same rules.
@@ -28,8 +32,8 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ablation.sae_io import load_sae
-from ablation.spec import ProfileMetadata, ProfileSpec, default_profiles_dir
+from ablation.sae_io import load_sae, save_direction
+from ablation.spec import ProfileMetadata, ProfileSpec, Steer, default_profiles_dir
 from evals.cli import run_reports
 from evals.common import md_table
 from server.live import LiveServer
@@ -40,6 +44,7 @@ from workshop.inputs import SETS, Inputs, UnlearnError
 from workshop.recipe import CONDITION, DEV_DOCS, GENERATED, GENERIC_RETAIN, KS, MARKUP_GUARD, OUTLIERS, Goals
 from workshop.finetune import AdapterConfig, Trained, scaled_copy, train
 from workshop.scoring import Scores, score
+from workshop.steer import Direction, direction
 
 EDITS = {"sequence": "clamped negative for the rest of the sequence once one fires",
          "sequence_active": "clamped negative, once one fires, wherever each is active",
@@ -51,12 +56,13 @@ GENERATED_EDITS = {"same": "", "zero": "; in generated text they are zeroed inst
 @dataclass(frozen=True)
 class Candidate:
     """One profile tried: the top k features of each topic, thresholds leaving out `outliers` retain texts,
-    clamp values `scale` x each feature's mean activation."""
+    clamp values `scale` x each feature's mean activation, steered `steer` x the steering gap (0: not)."""
     name: str
     spec: ProfileSpec
     k: int
     outliers: int = 0
     scale: float = 1.0
+    steer: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,9 @@ class UnlearnRun:
     scales: list[float] = field(default_factory=list)
     goals: Goals = Goals()
     trained: Trained | None = None  # the fine-tuned methods: the adapter the candidates scale
+    steers: list[float] = field(default_factory=list)
+    direction: Direction | None = None  # --steer-replies: the direction the candidates add
+    steer_path: Path | None = None  # where it is saved (the work folder)
 
     @property
     def baseline(self) -> Outcome:
@@ -115,7 +124,8 @@ def choose(outcomes: dict[str, Outcome], candidates: list[str],
         # each feature more (or outlier allowed) is one more chance to switch the clamp on in unseen generic text;
         # then to the more fluent forget completions (a weaker clamp, --scales, that forgets as much)
         best = min(ok, key=lambda c: (outcomes[c].answers("forget"), outcomes[c].candidate.k,
-                                      outcomes[c].candidate.outliers, -(outcomes[c].scores.fluency or 0.0)))
+                                      outcomes[c].candidate.outliers, -(outcomes[c].scores.fluency or 0.0),
+                                      outcomes[c].candidate.steer))
     else:
         best = max(ok, key=lambda c: outcomes[c].candidate.k)
     return best, why
@@ -147,8 +157,10 @@ def top_of_each(rankings: list[list[FeatureScore]], k: int) -> list[FeatureScore
 def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = DEV_DOCS,
         n_wiki: int = GENERIC_RETAIN, scales: tuple[float, ...] = (1.0,), ks: tuple[int, ...] = KS,
         outliers: tuple[int, ...] = OUTLIERS, goals: Goals = Goals(), condition: str = CONDITION,
-        generated: str = GENERATED, markup_guard: bool = MARKUP_GUARD) -> UnlearnRun:
-    """Ranks, writes (into `work`), serves and scores the candidates, and chooses one."""
+        generated: str = GENERATED, markup_guard: bool = MARKUP_GUARD,
+        steer: tuple[list[str], tuple[float, ...]] | None = None) -> UnlearnRun:
+    """Ranks, writes (into `work`), serves and scores the candidates, and chooses one. steer: (replacement
+    replies, fractions of the steering gap to try; 0: no steering) — needs dev prompts with a forget set."""
     sae = load_sae(sae_ref)
     hook = sae.cfg.metadata.hook_name
     layer = layer_of(hook)
@@ -163,18 +175,32 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
                            f"contains the topic (`obliviate sae train --topic FILE`)")
     candidates: dict[str, Candidate] = {}
     work.mkdir(parents=True, exist_ok=True)
+    found, steers, steer_path = None, [0.0], None
+    if steer:
+        if not (inputs.dev or {}).get("forget"):
+            raise UnlearnError("--steer-replies needs --dev-prompts with a forget set: the direction starts from "
+                               "the model's own answers to them")
+        replies, steers = steer[0], sorted(set(steer[1]))
+        found = direction(lm, layer, [it["prompt"] for it in inputs.dev["forget"]], replies, inputs.chat)
+        steer_path = work / "steer.safetensors"
+        save_direction(found.vector, steer_path)
     for n in outliers:
         for k in sorted({min(k, max(map(len, rankings[n]))) for k in ks}):
             chosen = top_of_each(rankings[n], k)
             for scale in scales:
-                cand = f"{name}__k{k}" + (f"_o{n}" if len(outliers) > 1 else "") + \
-                    (f"_s{scale:g}" if len(scales) > 1 else "")
-                spec = clamp_profile(cand, lm.name, sae_ref, hook, chosen, True, condition, scale, cand,
-                                     generated=generated, markup_guard=markup_guard)
-                candidates[cand] = Candidate(cand, spec, k, n, scale)
+                for v in steers:
+                    cand = f"{name}__k{k}" + (f"_o{n}" if len(outliers) > 1 else "") + \
+                        (f"_s{scale:g}" if len(scales) > 1 else "") + (f"_v{v:g}" if len(steers) > 1 else "")
+                    spec = clamp_profile(cand, lm.name, sae_ref, hook, chosen, True, condition, scale, cand,
+                                         generated=generated, markup_guard=markup_guard)
+                    if v:
+                        iv = spec.interventions[0].model_copy(update={
+                            "steer": Steer(vector=str(steer_path), scale=round(v * found.gap, 3))})
+                        spec = spec.model_copy(update={"interventions": [iv]})
+                    candidates[cand] = Candidate(cand, spec, k, n, scale, v)
     outcomes, chosen, why = evaluate(lm, work, candidates, inputs, n_docs, goals)
     return UnlearnRun(sae_ref, hook, outcomes, chosen, why, sorted({c.k for c in candidates.values()}),
-                      list(outliers), list(scales), goals)
+                      list(outliers), list(scales), goals, steers=steers, direction=found, steer_path=steer_path)
 
 
 def evaluate(lm, work: Path, candidates: dict[str, Candidate], inputs: Inputs, n_docs: int,
@@ -235,9 +261,11 @@ def final_profile(name: str, result: UnlearnRun, inputs: Inputs) -> ProfileSpec:
                    f"above their highest activation on the retain text{left_out} "
                    f"({len(iv.edits)} features), {EDITS[iv.condition]}{GENERATED_EDITS[iv.generated]} (SAE error "
                    f"kept)" + ("; tag tokens are not sampled once the edit is on" if c.spec.markup_guard else "") +
+                   (f"; from the trigger on, the residual is steered {c.steer:g}x the gap from its own answers "
+                    f"towards {result.direction.replies} replies of a model that does not know" if c.steer else "") +
                    ". Made by `obliviate unlearn`.")
-    chosen_from = f"k in {result.ks}" + "".join(f" and {what} in {getattr(result, what)}"
-                                                for what in ("outliers", "scales") if len(getattr(result, what)) > 1)
+    chosen_from = f"k in {result.ks}" + "".join(f" and {what} in {getattr(result, what)}" for what in
+                                                ("outliers", "scales", "steers") if len(getattr(result, what)) > 1)
     notes = (f"Chosen from {chosen_from} (ceiling ranking; {sources}). Dev answers: {dev}; "
              f"loss added {o.loss_pct:+.2f}% (CE on held-out Wikipedia summaries). Goals: {result.goals}. "
              f"Features: " + c.spec.metadata.notes)

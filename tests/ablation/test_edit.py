@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ablation.edit import EditTensors, apply_edits, edit_columns, encode
-from ablation.spec import FeatureEdit, Intervention
+from ablation.spec import FeatureEdit, Intervention, Steer
 from tests.helpers import ALL_ARCHITECTURES, DEAD, build_sae, identity_sae
 
 D = 32
@@ -75,7 +75,7 @@ def test_edits_of_features_that_never_fire_change_nothing(arch, x):
 
 def test_token_condition_clamps_only_where_the_feature_fires():
     acts = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [0.0, 0.0]]])  # [1, 3, 2]
-    old, new, _, _ = edit_columns(acts, edit(condition="token", f0=-5.0))
+    old, new, _, _, _ = edit_columns(acts, edit(condition="token", f0=-5.0))
     assert new[0, :, 0].tolist() == [0.0, -5.0, 0.0]
     assert torch.equal(old, acts[..., :1])
 
@@ -85,12 +85,12 @@ def test_fires_above_ignores_weak_activations_for_token_and_sequence():
                          [[1.0], [2.5], [0.0], [0.0]]])  # [2, 4, 1]
     iv = Intervention(hookpoint="blocks.0.hook_resid_post", sae="x:y", condition="token",
                       edits=[FeatureEdit(feature=0, value=-7.0, fires_above=2.0)])
-    _, new, _, _ = edit_columns(acts, EditTensors.from_intervention(iv))
+    _, new, _, _, _ = edit_columns(acts, EditTensors.from_intervention(iv))
     assert new[..., 0].tolist() == [[1.5, -7.0, 0.5, 0.0], [1.0, -7.0, 0.0, 0.0]]
     seq = EditTensors.from_intervention(iv.model_copy(update={"condition": "sequence"}))
-    _, new, fired, _ = edit_columns(acts[:, [0, 2, 1]], seq)  # the weak firings come first
+    _, new, fired, _, _ = edit_columns(acts[:, [0, 2, 1]], seq)  # the weak firings come first
     assert new[..., 0].tolist() == [[1.5, 0.5, -7.0], [1.0, 0.0, -7.0]] and fired.tolist() == [True, True]
-    _, new, fired, _ = edit_columns(acts[:, [0, 2]], seq)  # only weak firings: nothing starts
+    _, new, fired, _, _ = edit_columns(acts[:, [0, 2]], seq)  # only weak firings: nothing starts
     assert torch.equal(new, acts[:, [0, 2]]) and fired.tolist() == [False, False]
     with pytest.raises(ValueError):
         FeatureEdit(feature=0, value=-1.0, fires_above=-1.0)
@@ -100,11 +100,12 @@ def test_sequence_condition_starts_at_first_firing_and_respects_padding():
     acts = torch.tensor([[[0.0], [0.0], [3.0], [0.0]],
                          [[4.0], [0.0], [0.0], [0.0]]])  # [2, 4, 1]
     valid = torch.tensor([[True] * 4, [False, True, True, True]])  # row 1: position 0 is padding
-    _, new, fired, hit = edit_columns(acts, edit(condition="sequence", f0=-1.0), valid)
+    _, new, fired, hit, on = edit_columns(acts, edit(condition="sequence", f0=-1.0), valid)
     assert new[0, :, 0].tolist() == [0.0, 0.0, -1.0, -1.0]
     assert new[1, :, 0].tolist() == [4.0, 0.0, 0.0, 0.0]  # a feature firing on padding does not count
     assert fired.tolist() == [True, False]
     assert hit.tolist() == [[False, False, True, False], [False] * 4]  # where it fired (the trigger audit)
+    assert on.tolist() == [[False, False, True, True], [False] * 4]  # where it is on (a steer is added)
 
 
 def test_the_context_keeps_each_sequences_first_firing_position_over_hook_points():
@@ -119,13 +120,13 @@ def test_the_context_keeps_each_sequences_first_firing_position_over_hook_points
 def test_sequence_active_clamps_only_where_each_feature_is_active_after_the_first_firing():
     acts = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [5.0, 0.0], [0.0, 0.0]],
                          [[0.0, 3.0], [0.0, 0.0], [1.0, 2.0], [0.0, 0.0]]])  # [2, 4, 2]
-    _, new, fired, _ = edit_columns(acts, edit(condition="sequence_active", f0=-1.0, f1=-1.0))
+    _, new, fired, _, _ = edit_columns(acts, edit(condition="sequence_active", f0=-1.0, f1=-1.0))
     assert new[0].tolist() == [[-1.0, 0.0], [0.0, -1.0], [-1.0, 0.0], [0.0, 0.0]]  # zeros stay zeros
     assert new[1].tolist() == [[0.0, -1.0], [0.0, 0.0], [-1.0, -1.0], [0.0, 0.0]]
     strict = edit(condition="sequence_active", f0=-1.0, f1=-1.0)  # before the first firing: untouched
     strict = EditTensors(strict.features, strict.values, strict.keep_error, strict.condition,
                          thresholds=torch.tensor([4.0, 4.0]))
-    _, new, fired, _ = edit_columns(acts, strict)
+    _, new, fired, _, _ = edit_columns(acts, strict)
     assert new[0].tolist() == [[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 0.0]] and fired.tolist() == [True, False]
     assert torch.equal(new[1], acts[1])
 
@@ -133,12 +134,12 @@ def test_sequence_active_clamps_only_where_each_feature_is_active_after_the_firs
 def test_generated_tokens_take_zero_or_no_edit_the_prompt_keeps_the_values():
     acts = torch.tensor([[[0.0], [3.0], [2.0], [1.0]]])  # [1, 4, 1]: fires at 1; positions 2, 3 generated
     prompt = torch.tensor([[True, True, False, False]])
-    _, new, _, _ = edit_columns(acts, edit(condition="sequence", f0=-5.0), prompt=prompt)
+    _, new, _, _, _ = edit_columns(acts, edit(condition="sequence", f0=-5.0), prompt=prompt)
     assert new[0, :, 0].tolist() == [0.0, -5.0, -5.0, -5.0]  # generated "same"
     zero = EditTensors.from_intervention(Intervention(hookpoint="blocks.0.hook_resid_post", sae="x:y",
                                                       condition="sequence", generated="zero",
                                                       edits=[FeatureEdit(feature=0, value=-5.0)]))
-    _, new, _, _ = edit_columns(acts, zero, prompt=prompt)
+    _, new, _, _, _ = edit_columns(acts, zero, prompt=prompt)
     assert new[0, :, 0].tolist() == [0.0, -5.0, 0.0, 0.0]
     assert edit_columns(acts, zero)[1][0, :, 0].tolist() == [0.0, -5.0, -5.0, -5.0]  # no mask: all prompt
 
@@ -206,3 +207,30 @@ def test_sequence_state_of_each_sequence_is_its_own():
     assert fired.tolist() == [True, True, True]
     on, fired = sequence_on(torch.tensor([False, False]), torch.tensor([3, 1]), torch.tensor([False, False, True, True]))
     assert on.tolist() == [True, False] and fired.tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_a_steer_is_added_exactly_where_the_sequence_edit_is_on(arch, x):
+    """steer: scale x the unit direction, from the first firing on (generated tokens too), nowhere before
+    and never at an invalid position; the feature edit is the same as without it."""
+    sae = build_sae(arch, D, 64)
+    acts = encode(sae, x).detach()
+    f = int((acts[0, 3] - acts[0, 1:3].max(0).values).argmax())  # row 0: first above its earlier peak at 3
+    iv = Intervention(hookpoint="blocks.0.hook_resid_post", sae="x:y", keep_error=True, condition="sequence",
+                      edits=[FeatureEdit(feature=f, value=-2.0, fires_above=float(acts[0, 1:3, f].max()))])
+    plain = EditTensors.from_intervention(iv)
+    direction = torch.randn(D)
+    direction /= direction.norm()
+    steered = EditTensors.from_intervention(iv.model_copy(update={"steer": Steer(vector="v", scale=3.0)}),
+                                            direction=direction)
+    valid = torch.ones(x.shape[:2], dtype=torch.bool)
+    valid[:, 0] = False
+    a, fired_a, _ = apply_edits(x, sae, plain, valid)
+    b, fired_b, _ = apply_edits(x, sae, steered, valid)
+    _, _, _, _, on = edit_columns(acts, plain, valid)
+    assert torch.equal(fired_a, fired_b) and on[0, 3] and not on[0, :3].any() and not on[:, 0].any()
+    expected = a + on[..., None] * 3.0 * direction
+    assert torch.allclose(b, expected, atol=1e-5)
+    assert EditTensors.from_intervention(iv.model_copy(update={"keep_error": True, "edits": [],
+                                                               "steer": Steer(vector="v", scale=1.0)}),
+                                         direction=direction).is_noop is False

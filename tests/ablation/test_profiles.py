@@ -1,7 +1,9 @@
 """Profile files: strict parsing, includes, SAE path resolution, the shipped profiles."""
 
 import pytest
+import torch
 
+from ablation.sae_io import SAELoadError, load_direction, save_direction
 from ablation.spec import ProfileError, default_profiles_dir, load_profile, load_profiles
 
 
@@ -49,6 +51,24 @@ def test_include_and_relative_sae_path(tmp_path):
     (tmp_path / "saes/s1/cfg.json").unlink()
     with pytest.raises(ProfileError, match=r"child.yaml: SAE directory .*saes/s1 not found"):
         load_profile(p)
+
+
+def test_a_steering_vector_is_resolved_next_to_its_profile(tmp_path):
+    (tmp_path / "saes/s1").mkdir(parents=True)
+    (tmp_path / "saes/s1/cfg.json").write_text("{}")
+    iv = "{hookpoint: blocks.2.hook_resid_post, sae: saes/s1, steer: {vector: v.safetensors, scale: 4}}"
+    p = write(tmp_path, "a.yaml", f"name: a\ninterventions:\n- {iv}\n")
+    with pytest.raises(ProfileError, match=r"a.yaml: steering vector .*v.safetensors not found"):
+        load_profile(p)
+    save_direction(torch.ones(8), tmp_path / "v.safetensors")
+    steer = load_profile(p).interventions[0].steer
+    assert steer.vector == str(tmp_path / "v.safetensors") and steer.scale == 4.0
+    assert torch.allclose(load_direction(steer.vector, 8), torch.full((8,), 8 ** -0.5))
+    with pytest.raises(SAELoadError, match="need 16"):
+        load_direction(steer.vector, 16)
+    bad = write(tmp_path, "b.yaml", f"name: b\ninterventions:\n- {iv.replace('scale: 4', 'scale: .nan')}\n")
+    with pytest.raises(ProfileError, match="steer.scale"):
+        load_profile(bad)
 
 
 def test_profiles_for_other_models_are_not_served(tmp_path):

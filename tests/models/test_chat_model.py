@@ -12,13 +12,13 @@ import pytest
 
 from ablation.spec import default_profiles_dir
 from evals.cli import run_reports
-from models.loading import CHAT_MODEL
+from models.loading import CHAT_MODEL, hooked_transformer
 from server.live import LiveServer, ServerProcess
 from server.settings import Settings
-from tests.helpers import TEST_PROFILES, build_sae, save_sae, write_profile
+from tests.helpers import TEST_PROFILES, build_sae, save_sae, transformer_lens_gap, write_profile
 
 HOOKPOINT = "blocks.15.hook_resid_post"
-MODES = ["t_zero", "t_keep_error", "t_clamp", "t_sequence", "t_seq_active", "t_gen_zero"]
+MODES = ["t_zero", "t_keep_error", "t_clamp", "t_sequence", "t_seq_active", "t_gen_zero", "t_steer"]
 QUESTIONS = ["Who wrote the Harry Potter books?", "What is the name of Harry Potter's school?",
              "What is the capital of Italy?"]
 LOGPROB_ATOL = 2e-3  # as for Gemma (tests/server/test_vllm_engine.py)
@@ -91,6 +91,18 @@ def test_every_edit_mode_is_greedy_equal_on_both_engines(smol):
     assert "EngineCore_DP1" in started and started.count("Injected <class 'server.engine.vllm_worker") >= 2
     cores = {ln.split("core ids=")[1].strip() for ln in started.splitlines() if "local_rank=0, core ids=" in ln}
     assert len(cores) == 2, cores  # each engine on its own cores (vLLM alone would put both on the same)
+
+
+def test_logprobs_match_transformer_lens_for_every_mode(smol):
+    """The built-in engine's logprobs on this architecture equal TransformerLens's Llama (the reference SAE
+    training reads) run with the same hook, under every edit mode; the vLLM engine's equal the built-in
+    one's (above)."""
+    engine = smol[0].app.state.serving.engine
+    tl = hooked_transformer(engine.lm)
+    for profile in ["baseline", *MODES]:
+        diff = max(transformer_lens_gap(engine, tl, engine.table, q, profile) for q in QUESTIONS[:2])
+        print(f"{CHAT_MODEL} {profile:14s} max|Δlogprob| vs TransformerLens = {diff:.2e}")
+        assert diff < LOGPROB_ATOL, profile
 
 
 @pytest.mark.parametrize("engine", [0, 1])

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from ablation.guard import markup_token_ids
-from server.engine.base import EngineError, Prompt, SamplingParams
-from tests.helpers import ablated
+from server.engine.base import EngineError, SamplingParams
+from tests.helpers import ablated, collect, prompt, prompt_logprobs, run, transformer_lens_gap
 
 PROMPTS = [
     "Harry Potter studies at",
     "The capital of France is",
     "In the Defence Against the Dark Arts class, Harry felt his scar",
 ]
-MODES = ["baseline", "t_sae_only", "t_zero", "t_keep_error", "t_clamp", "t_sequence", "t_seq_active", "t_dead_clamp"]
+MODES = ["baseline", "t_sae_only", "t_zero", "t_keep_error", "t_clamp", "t_sequence", "t_seq_active", "t_steer", "t_dead_clamp"]
 # fp32 on CPU: HF (SDPA) and TransformerLens differ by ~2e-5 on logits of magnitude ~25 with no hook
 # observed, and <= 5e-5 under every test profile (printed by -s).
 ATOL = 1e-3
@@ -26,32 +26,6 @@ ATOL = 1e-3
 def engine(server):
     """The live server's engine (one engine per model: its hooks are installed once)."""
     return server.app.state.serving.engine
-
-
-def prompt(engine, text: str) -> Prompt:
-    return Prompt([engine.tok.bos_token_id], engine.tok(text, add_special_tokens=False).input_ids)
-
-
-async def collect(engine, text, profile, request_id=None, **params):
-    """-> (token ids, prompt logprobs, token logprobs) of one greedy choice."""
-    params = SamplingParams(**{"max_tokens": 0, "temperature": 0, **params})
-    tokens, prompt_lp, finish = [], None, None
-    async for out in engine.generate(request_id or f"t-{id(params)}-{text}", [prompt(engine, text)], params, profile):
-        tokens += out.tokens
-        prompt_lp = out.prompt_logprobs or prompt_lp
-        finish = out.finish_reason or finish
-    assert finish in ("stop", "length")
-    return [t.token_id for t in tokens], prompt_lp, tokens
-
-
-def run(engine, text, profile, **params):
-    return asyncio.run(collect(engine, text, profile, **params))
-
-
-def prompt_logprobs(engine, text, profile):
-    """[L, 1 + 20]: each prompt token's logprob and its top-20 alternatives' (the engine's view)."""
-    _, lp, _ = run(engine, text, profile, logprobs=20, prompt_logprobs=True)
-    return lp
 
 
 def test_interface_rejects_nothing_it_should_serve_and_reports_stats(engine):
@@ -64,19 +38,9 @@ def test_interface_rejects_nothing_it_should_serve_and_reports_stats(engine):
 
 @pytest.mark.parametrize("profile", MODES)
 def test_logprobs_match_transformer_lens(engine, tl, table, profile):
-    for text in PROMPTS:
-        ours = prompt_logprobs(engine, text, profile)
-        ids = [engine.tok.bos_token_id] + engine.tok(text, add_special_tokens=False).input_ids
-        with torch.inference_mode(), ablated(tl, profile, table):
-            ref = torch.log_softmax(tl(torch.tensor([ids]))[0].float(), -1)  # [L, V]
-        diff = 0.0
-        for pos, info in enumerate(ours, start=1):  # info: the token at `pos`, predicted at pos - 1
-            diff = max(diff, abs(info.logprob - ref[pos - 1, info.token_id].item()))
-            for t, v in info.top.items():
-                diff = max(diff, abs(v - ref[pos - 1, t].item()))
-            assert max(info.top, key=info.top.get) == int(ref[pos - 1].argmax())
-        print(f"{profile:18s} max|Δlogprob| = {diff:.2e}")
-        assert diff < ATOL
+    diff = max(transformer_lens_gap(engine, tl, table, text, profile) for text in PROMPTS)
+    print(f"{profile:18s} max|Δlogprob| = {diff:.2e}")
+    assert diff < ATOL
 
 
 def test_markup_guard_bans_tag_tokens_once_the_edit_is_on(engine):
@@ -104,7 +68,7 @@ def test_perfect_sae_and_never_firing_ablations_leave_logprobs_unchanged(engine,
 
 
 @pytest.mark.parametrize("profile", ["baseline", "t_keep_error", "t_sequence", "t_zero", "t_seq_active",
-                                     "t_gen_zero", "t_gen_off"])
+                                     "t_gen_zero", "t_gen_off", "t_steer"])
 def test_cached_decoding_matches_full_recomputation(engine, tl, table, profile):
     out, _, _ = run(engine, PROMPTS[0], profile, max_tokens=6)
     ids = [engine.tok.bos_token_id] + engine.tok(PROMPTS[0], add_special_tokens=False).input_ids

@@ -164,6 +164,9 @@ def test_an_inline_profile_serves_like_the_named_one(api_server):
     assert "inline" not in {p["name"] for p in httpx.get(url + "/v1/profiles").json()["data"]}
     bad = greedy(url, {**spec, "interventions": [{**spec["interventions"][0], "sae": "/tmp/any-sae"}]})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_sae", bad.text
+    steered = {**spec["interventions"][0], "steer": {"vector": "/etc/hostname", "scale": 1.0}}
+    bad = greedy(url, {**spec, "interventions": [steered]})  # a request never names a file to read
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_steering_vector", bad.text
     bad = greedy(url, {**spec, "markup_guard": "maybe"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "profile", bad.text
     bad = greedy(url, {**spec, "model": "gemma-2b"})  # checked as a POSTed spec is: for the served model

@@ -20,7 +20,7 @@ PROMPTS = [
 SHIPPED = ["baseline", "sae_only", "hp_unlearn", "hp_unlearn_token", "hp_unlearn_keep_error", "hp_unlearn_zero",
            "prompted", "sw_unlearn", "hp_sw_unlearn", "hp_rmu", "hp_npo"]
 TEST_MODES = ["t_sae_only", "t_zero", "t_keep_error", "t_clamp", "t_sequence", "t_seq_active", "t_gen_zero",
-              "t_gen_off", "t_guard"]
+              "t_gen_off", "t_guard", "t_steer"]
 # The two engines run different kernels (vLLM's fused CPU attention, norms and GEMMs vs transformers
 # modules + SDPA), both in fp32. Greedy tokens must agree; logprobs of the chosen tokens agree to within
 # this (observed max ~1e-4 on these prompts, printed by -s): far below any gap between top candidates

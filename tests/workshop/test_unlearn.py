@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from ablation.sae_io import shipped_sae
+from ablation.residual import Hookpoint, residual_hooks
+from ablation.sae_io import load_direction, shipped_sae
 from ablation.spec import ProfileSpec, load_profile
 from evals.common import Topics, load_jsonl
 from workshop import corpus
@@ -17,6 +19,7 @@ from workshop.discover import FeatureScore
 from workshop.inputs import Inputs, UnlearnError, read_inputs
 from workshop.recipe import Goals
 from workshop.scoring import Scores
+from workshop.steer import direction, prompt_ids
 from workshop.unlearn import Candidate, Outcome, choose, run, top_of_each
 
 DATA = corpus.DATA
@@ -109,6 +112,26 @@ def test_no_separating_feature_says_what_to_try(lm, tmp_path):
         run(lm, "x", Inputs([wiki], [], None), shipped_sae(), tmp_path, n_wiki=20)
 
 
+def test_the_steering_direction_points_from_the_models_answers_to_the_replies(lm):
+    """workshop/steer.py: added at its layer, the direction makes the replacement replies likelier after
+    each prompt (prompts and replies here not the ones it was measured on)."""
+    d = direction(lm, 6, ["Harry Potter's best friend is called", "Harry Potter goes to a school called"],
+                  ["something I have never heard of.", "a name I do not know."], chat=False)
+    assert d.vector.shape == (lm.config.hidden_size,) and d.gap > 0 and (d.prompts, d.replies) == (2, 2)
+
+    def reply_logprob(prompt: str, reply: str, add: torch.Tensor) -> float:
+        ids = prompt_ids(lm, prompt, chat=False)
+        rest = lm.tokenizer(" " + reply, add_special_tokens=False).input_ids
+        with torch.inference_mode(), residual_hooks(lm.model, {Hookpoint(6, "post"): lambda x, kw: x + add}):
+            lp = torch.log_softmax(lm.model(torch.tensor([ids + rest])).logits[0].float(), -1)
+        return sum(lp[len(ids) - 1 + i, t].item() for i, t in enumerate(rest)) / len(rest)
+
+    for prompt, reply in [("Hermione Granger's cat is called", "something I have not heard of."),
+                          ("The Hogwarts house of Draco Malfoy is", "not something I know.")]:
+        plain, steered = (reply_logprob(prompt, reply, a * d.vector) for a in (0.0, 0.5))
+        assert steered > plain + 0.1, (prompt, plain, steered)
+
+
 def test_unlearn_command_on_two_small_topics_writes_a_profile_that_serves(tmp_path):
     """Two forget files (a topic each) with the SAE trained on both topics; --ks × --outliers give the
     candidates. (`--report` runs evals.cli.run_reports, which test_evals runs for every report.)"""
@@ -122,7 +145,9 @@ def test_unlearn_command_on_two_small_topics_writes_a_profile_that_serves(tmp_pa
                         "--forget", str(forget[0]), "--forget", str(forget[1]), "--retain", str(DATA / "sw_retain.txt"),
                         "--retain", str(DATA / "fiction_retain.txt"),
                         "--dev-prompts", str(dev), "--generic-retain", "20", "--docs", "2", "--ks", "2",
-                        "--outliers", "0,2", "--out", str(tmp_path / "profiles")],
+                        "--outliers", "0,2", "--out", str(tmp_path / "profiles"),
+                        "--steer-replies", str(write(tmp_path / "dont_know.txt", [" a place I do not know."])),
+                        "--steer-scales", "0.25"],
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
@@ -138,6 +163,11 @@ def test_unlearn_command_on_two_small_topics_writes_a_profile_that_serves(tmp_pa
     assert "of each of the 2 forget topics" in spec.description and "forget: 12 + 12 texts" in spec.metadata.notes
     assert "Chosen from k in [2] and outliers in [0, 2]" in spec.metadata.notes
     assert "Dev answers: forget" in spec.metadata.notes and "forget completions' fluency" in spec.metadata.notes
+    steer = spec.interventions[0].steer  # one steering strength: every candidate steered, the vector copied
+    assert steer.vector == str((tmp_path / "profiles" / "two_small.steer.safetensors").resolve())
+    assert "vector: two_small.steer.safetensors" in (tmp_path / "profiles" / "two_small.yaml").read_text()
+    assert steer.scale > 0 and load_direction(steer.vector, 640).shape == (640,)
+    assert "steered 0.25x the gap from its own answers towards 1 replies" in spec.description
 
 
 def test_unlearn_method_rmu_trains_an_adapter_that_serves(tmp_path):
@@ -164,3 +194,6 @@ def test_unlearn_method_rmu_trains_an_adapter_that_serves(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cli", "unlearn", "x", "--method", "rmu", "--forget", str(forget),
                           "--retain", str(DATA / "fiction_retain.txt"), "--rank", "100"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--rank in [1, 64]" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "cli", "unlearn", "x", "--forget", str(forget), "--retain",
+                          str(DATA / "fiction_retain.txt"), "--steer-replies", str(forget)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--steer-replies goes with --method sae and --dev-prompts" in bad.stderr
