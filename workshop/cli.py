@@ -243,7 +243,7 @@ def add_unlearn(sub) -> None:
                    help="retain texts a feature may peak above its threshold in, leaving out odd tokens in the "
                         f"Wikipedia summaries (comma-separated, each a candidate; default {','.join(map(str, OUTLIERS))})")
     p.add_argument("--scales", type=comma_list(float), help="sae: clamp values to try, as multiples of each feature's "
-                   "mean activation (default 1); rmu/graddiff/npo: strengths of the adapter's update to try (default "
+                   "mean activation (default 1; 0: zeroed); rmu/graddiff/npo: strengths of the adapter's update to try (default "
                    f"{','.join(map(str, ADAPTER_SCALES))}); comma-separated")
     t = AdapterConfig()
     p.add_argument("--steps", type=int, default=t.steps, help=f"adapters: training steps (default {t.steps})")
@@ -292,9 +292,11 @@ def cmd_unlearn(args) -> int:
                                  or args.steer <= 0 or args.retain_weight < 0 or args.beta <= 0):
         raise CLIError("need --steps ≥ 1, --lr > 0, --rank in [1, 64] (the largest served), --steer > 0, "
                        "--retain-weight ≥ 0 and --beta > 0")
-    if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) <= 0 or not ks or min(ks) < 1 \
+    lowest = 0 if args.method == "sae" else 1e-9  # sae: 0 zeroes the features (with --steer-replies, steering alone)
+    if args.docs < 1 or args.generic_retain < 0 or not scales or min(scales) < lowest or not ks or min(ks) < 1 \
             or not outliers or min(outliers) < 0:
-        raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0, --ks ≥ 1, --outliers ≥ 0 and --scales > 0")
+        raise CLIError("need --docs ≥ 1, --generic-retain ≥ 0, --ks ≥ 1, --outliers ≥ 0 and --scales > 0 (≥ 0 for "
+                       "--method sae: 0 zeroes the features)")
     if not (0 <= args.min_generic <= 1 and 0 <= args.min_nearby <= 1) or args.max_loss < 0 \
             or args.max_fluency_drop < 0:
         raise CLIError("need --min-generic and --min-nearby in [0, 1], --max-loss ≥ 0 and --max-fluency-drop ≥ 0")

@@ -234,6 +234,13 @@ def run_finetuned(lm, name: str, inputs: Inputs, work: Path, cfg: AdapterConfig,
     return UnlearnRun(cfg.method, "", outcomes, chosen, why, [], [], list(scales), goals, trained)
 
 
+def edit_words(iv) -> str:
+    """What an intervention does to its features, in words (all values 0: zeroed, not clamped)."""
+    if all(e.value == 0 for e in iv.edits):
+        return EDITS[iv.condition].replace("clamped negative", "zeroed").replace("set to their values", "zeroed")
+    return EDITS[iv.condition] + GENERATED_EDITS[iv.generated]
+
+
 def final_profile(name: str, result: UnlearnRun, inputs: Inputs) -> ProfileSpec:
     """The chosen candidate under its own name, with how it was chosen in its notes."""
     o, base = result.outcomes[result.chosen], result.baseline
@@ -259,8 +266,7 @@ def final_profile(name: str, result: UnlearnRun, inputs: Inputs) -> ProfileSpec:
     left_out = f" once the {c.outliers} retain texts where each peaks highest are left out" if c.outliers else ""
     description = (f"{name}: the top {c.k} features{each} of {result.sae} that fire on the forget text "
                    f"above their highest activation on the retain text{left_out} "
-                   f"({len(iv.edits)} features), {EDITS[iv.condition]}{GENERATED_EDITS[iv.generated]} (SAE error "
-                   f"kept)" + ("; tag tokens are not sampled once the edit is on" if c.spec.markup_guard else "") +
+                   f"({len(iv.edits)} features), {edit_words(iv)} (SAE error kept)" + ("; tag tokens are not sampled once the edit is on" if c.spec.markup_guard else "") +
                    (f"; from the trigger on, the residual is steered {c.steer:g}x the gap from its own answers "
                     f"towards {result.direction.replies} replies of a model that does not know" if c.steer else "") +
                    ". Made by `obliviate unlearn`.")
