@@ -37,8 +37,8 @@ class FeatureEdit(_Strict):
 class Steer(_Strict):
     # a direction added to the residual wherever the intervention's edit is on (for the sequence conditions:
     # every position from the first firing on, generated tokens included): `scale` times the unit vector saved
-    # in `vector` (a safetensors file with one [d_model] tensor "direction", as `obliviate unlearn --steer`
-    # writes it; a relative path is resolved against the profile file's directory). Towards what the model
+    # in `vector` (a safetensors file with one [d_model] tensor "direction", as `obliviate unlearn
+    # --steer-replies` writes it; a relative path is resolved against the profile file's directory). Towards what the model
     # says when it does not know, the forgotten answer is replaced by text the model would write anyway.
     vector: str
     scale: float = Field(allow_inf_nan=False)
@@ -71,6 +71,13 @@ class Intervention(_Strict):
     def stateful(self) -> bool:
         """Whether the edit depends on earlier tokens (state carried across decode steps)."""
         return self.condition.startswith("sequence")
+
+    @model_validator(mode="after")
+    def _a_steer_needs_a_trigger(self) -> "Intervention":
+        if self.steer is not None and not self.edits and self.condition != "always":
+            raise ValueError(f"a steer without edits has no feature to trigger it: condition {self.condition!r} "
+                             f"needs edits, or use condition always (steer every token)")
+        return self
 
     @field_validator("hookpoint")
     @classmethod

@@ -91,7 +91,6 @@ class UnlearnRun:
     trained: Trained | None = None  # the fine-tuned methods: the adapter the candidates scale
     steers: list[float] = field(default_factory=list)
     direction: Direction | None = None  # --steer-replies: the direction the candidates add
-    steer_path: Path | None = None  # where it is saved (the work folder)
 
     @property
     def baseline(self) -> Outcome:
@@ -200,7 +199,7 @@ def run(lm, name: str, inputs: Inputs, sae_ref: str, work: Path, n_docs: int = D
                     candidates[cand] = Candidate(cand, spec, k, n, scale, v)
     outcomes, chosen, why = evaluate(lm, work, candidates, inputs, n_docs, goals)
     return UnlearnRun(sae_ref, hook, outcomes, chosen, why, sorted({c.k for c in candidates.values()}),
-                      list(outliers), list(scales), goals, steers=steers, direction=found, steer_path=steer_path)
+                      list(outliers), list(scales), goals, steers=steers, direction=found)
 
 
 def evaluate(lm, work: Path, candidates: dict[str, Candidate], inputs: Inputs, n_docs: int,

@@ -69,6 +69,9 @@ def test_a_steering_vector_is_resolved_next_to_its_profile(tmp_path):
     bad = write(tmp_path, "b.yaml", f"name: b\ninterventions:\n- {iv.replace('scale: 4', 'scale: .nan')}\n")
     with pytest.raises(ProfileError, match="steer.scale"):
         load_profile(bad)
+    alone = write(tmp_path, "c.yaml", f"name: c\ninterventions:\n- {iv[:-1]}, condition: sequence}}\n")
+    with pytest.raises(ProfileError, match="a steer without edits has no feature to trigger it"):
+        load_profile(alone)
 
 
 def test_profiles_for_other_models_are_not_served(tmp_path):
