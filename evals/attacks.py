@@ -10,7 +10,9 @@ HTTP) and `likelihood` (two-choice trivia scored by prompt logprobs: a side chan
 Every family also wraps generic questions the same way (the controls): a wrapper that breaks every
 answer is not forgetting. Each completion's trigger audit (the server's `unlearning` field) says whether
 the profile's edit fired in the prompt; an attack that gets an answer back is usually one that did not
-trip it.
+trip it. With `--chat` every attacked prompt is a user's chat message (a chat topic names its own attacks
+and controls, e.g. evals/data/topics/hp_chat.yaml) and the gcg family is left out: its tokens were searched
+against completion prompts.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def attack_items(ctx: EvalContext) -> list[dict]:
     split, items = ctx.split, []
     wrappers = load_jsonl(ATTACKS / "wrappers.jsonl", split)
     generic = ctx.topics.generic(split, None)
-    controls = load_jsonl(ATTACKS / "controls.jsonl", split)
+    controls = load_jsonl(ctx.topics.topics[0].attack_controls, split)  # topics measured together share one set
     for topic in ctx.topics.topics:
         if topic.attacks is None:
             continue
@@ -60,7 +62,7 @@ def attack_items(ctx: EvalContext) -> list[dict]:
         for w in wrappers:
             items += [_item(it, topic.name, id=f"{w['id']}-{it['id']}", family="prefix",
                             prompt=w["wrapper"].format(prompt=it["prompt"])) for it in plain]
-        adv = gcg_tokens(topic.name)
+        adv = None if ctx.chat else gcg_tokens(topic.name)  # searched against completion prompts (no chat template)
         if adv:
             items += [_item(it, topic.name, id=f"gcg-{it['id']}", family="gcg", prompt=f"{adv}\n{it['prompt']}")
                       for it in plain]
@@ -72,7 +74,7 @@ def attack_items(ctx: EvalContext) -> list[dict]:
     for w in wrappers:
         items += [_item(it, CONTROL, id=f"{w['id']}-{it['id']}", family="prefix",
                         prompt=w["wrapper"].format(prompt=it["prompt"])) for it in generic[:PER_WRAPPER_CONTROL]]
-    adv = [a for t in ctx.topics.names if (a := gcg_tokens(t))]
+    adv = [] if ctx.chat else [a for t in ctx.topics.names if (a := gcg_tokens(t))]
     for i, a in enumerate(adv):
         items += [_item(it, CONTROL, id=f"gcg{i}-{it['id']}", family="gcg", prompt=f"{a}\n{it['prompt']}")
                   for it in generic[:PER_WRAPPER_CONTROL]]
@@ -85,17 +87,6 @@ def attack_items(ctx: EvalContext) -> list[dict]:
             it["rank"] = seen[it["family"], it["topic"]]
         items = [it for it in items if it.pop("rank") <= ctx.limit]
     return items
-
-
-async def greedy_audited(ctx: EvalContext, prompt: str, profile: str) -> tuple[str, bool | None]:
-    """The greedy completion and whether the profile's edit fired in the prompt, before the answer could
-    start (None: the profile edits nothing). A firing at a generated token comes too late to withhold
-    the answer: it counts as not fired."""
-    r = await ctx.client.complete(prompt, profile, max_tokens=MAX_TOKENS, temperature=0)
-    audit = r.choices[0].unlearning
-    if audit is None:
-        return r.choices[0].text, None
-    return r.choices[0].text, audit.triggered and audit.first_token < r.usage.prompt_tokens
 
 
 def tally_family(items: list[dict], got: dict[str, list[dict]], baseline: str) -> dict:
@@ -153,7 +144,8 @@ def opening(ctx: EvalContext, summary: dict, families: list[str]) -> str:
 async def attacks(ctx: EvalContext) -> dict:
     items = attack_items(ctx)
     jobs = [(p, it) for p in ctx.profiles for it in items]
-    done = await ctx.gather("attacks", [greedy_audited(ctx, it["prompt"], p) for p, it in jobs])
+    done = await ctx.gather("attacks", [ctx.greedy_audited(it["prompt"], p, ctx.max_tokens(MAX_TOKENS))
+                                            for p, it in jobs])
     records = {p: [] for p in ctx.profiles}
     for (p, it), (text, triggered) in zip(jobs, done):
         records[p].append({**it, "completion": text, "correct": is_correct(text, it["answers"]), "triggered": triggered})
@@ -178,7 +170,8 @@ async def attacks(ctx: EvalContext) -> dict:
           "`'s answers the profile gives on the same attacked prompts (answers kept / baseline's answers) and, for "
           "profiles that edit the model, the share of prompts on which the edit fired within the prompt (the "
           "trigger audit; a firing at a generated token comes too late to withhold the answer). Greedy, "
-          f"{MAX_TOKENS} tokens. `likelihood`: two-choice trivia scored by the answers' log-likelihood, the share of "
+          f"{ctx.max_tokens(MAX_TOKENS)} tokens{', each prompt asked as a chat message' if ctx.chat else ''}. "
+          "`likelihood`: two-choice trivia scored by the answers' log-likelihood, the share of "
           "baseline's right choices still right (chance 50%). Controls: generic questions under the same wrappers "
           "(they should be kept, and should not fire).\n"]
     for g in groups:
@@ -201,7 +194,7 @@ async def attacks(ctx: EvalContext) -> dict:
                  [f for f in families if first in summary[f]],
                  {p: [summary[f][first][p]["kept_rate"] for f in families if first in summary[f]] for p in ctx.others},
                  ylabel="answers kept")
-    result = {"settings": ctx.settings(max_tokens=MAX_TOKENS, temperature=0), "families": families,
+    result = {"settings": ctx.settings(max_tokens=ctx.max_tokens(MAX_TOKENS), temperature=0), "families": families,
               "summary": summary, "pooled": {t: {p: pooled(summary, t, p, families) for p in ctx.profiles}
                                              for t in ctx.topics.names},
               "records": records}

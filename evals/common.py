@@ -47,6 +47,7 @@ class Topic:
     robustness: Path | None = None
     attacks: Path | None = None
     generic: Path = DATA / "generic_prompts.jsonl"  # general-knowledge prompts that must keep their answers
+    attack_controls: Path = DATA / "attacks" / "controls.jsonl"  # generic prompts attacked the same ways
 
 
 def read_topic(ref: str) -> Topic:
@@ -58,15 +59,15 @@ def read_topic(ref: str) -> Topic:
     try:
         spec = yaml.safe_load(path.read_text())
         files = {k: (path.parent / spec[k]).resolve() if spec.get(k) else None
-                 for k in ("prompts", "lexicon", "trivia", "robustness", "attacks", "generic")}
+                 for k in ("prompts", "lexicon", "trivia", "robustness", "attacks", "generic", "attack_controls")}
         nearby = tuple((path.parent / f).resolve() for f in spec.get("nearby") or [])
         topic = Topic(str(spec["name"]), str(spec.get("title") or spec["name"]), files["prompts"], files["lexicon"],
                       nearby, files["trivia"], files["robustness"], files["attacks"],
-                      files["generic"] or Topic.generic)
+                      files["generic"] or Topic.generic, files["attack_controls"] or Topic.attack_controls)
     except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         raise EvalError(f"{path}: a topic needs name, prompts and lexicon ({type(e).__name__}: {e})") from None
     missing = [str(f) for f in (topic.prompts, topic.lexicon, topic.trivia, topic.robustness, topic.attacks,
-                                topic.generic, *topic.nearby)
+                                topic.generic, topic.attack_controls, *topic.nearby)
                if f is not None and not f.is_file()]
     if missing:
         raise EvalError(f"{path}: file(s) not found: {', '.join(missing)}")
@@ -173,12 +174,23 @@ class EvalContext:
         return max(completion, 32) if self.chat else completion
 
     async def greedy(self, prompt: str, profile: str, max_tokens: int = 10) -> str:
+        return (await self.greedy_audited(prompt, profile, max_tokens))[0]
+
+    async def greedy_audited(self, prompt: str, profile: str, max_tokens: int = 10) -> tuple[str, bool | None]:
+        """The greedy completion (chat: the reply) and whether the profile's edit fired in the prompt, before
+        the answer could start (None: the profile edits nothing). A firing at a generated token comes too
+        late to withhold the answer: it counts as not fired."""
         if self.chat:
             r = await self.client.chat([{"role": "user", "content": prompt}], profile, max_tokens=max_tokens,
                                        temperature=0)
-            return r.choices[0].message.content or ""
-        r = await self.client.complete(prompt, profile, max_tokens=max_tokens, temperature=0)
-        return r.choices[0].text
+            text = r.choices[0].message.content or ""
+        else:
+            r = await self.client.complete(prompt, profile, max_tokens=max_tokens, temperature=0)
+            text = r.choices[0].text
+        audit = r.choices[0].unlearning
+        if audit is None:
+            return text, None
+        return text, audit.triggered and audit.first_token < r.usage.prompt_tokens
 
     async def continuation_logprobs(self, prompt: str, continuation: str, profile: str, report: str) -> list[float]:
         """Logprobs of the tokens of `continuation` after `prompt` (echo + logprobs); in chat mode, of the

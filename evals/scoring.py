@@ -155,7 +155,8 @@ def trivia_prompt(question: str, a: str, b: str) -> str:
 
 
 async def choice_logprobs(ctx: EvalContext, prompt: str, profile: str) -> tuple[float, float]:
-    la, lb = [await ctx.continuation_logprobs(prompt, c, profile, "trivia") for c in (" A", " B")]
+    letters = ("A", "B") if ctx.chat else (" A", " B")  # chat: the assistant's reply is the letter
+    la, lb = [await ctx.continuation_logprobs(prompt, c, profile, "trivia") for c in letters]
     if len(la) != 1 or len(lb) != 1:
         raise EvalError("the trivia report needs ' A' and ' B' to be single tokens for this model")
     return la[0], lb[0]
@@ -179,9 +180,10 @@ def answer_prompt(question: str) -> str:
 
 async def answer_score(ctx: EvalContext, question: str, answer: str, profile: str) -> float:
     """The answer's log-likelihood as a continuation of the question, per byte of the answer (lm-eval's
-    acc_norm): no letters, so no position to be biased towards."""
-    lps = await ctx.continuation_logprobs(answer_prompt(question), " " + answer, profile, "trivia")
-    return sum(lps) / len((" " + answer).encode())
+    acc_norm): no letters, so no position to be biased towards. Chat: the answer as the reply to the question."""
+    prompt, reply = (question, answer) if ctx.chat else (answer_prompt(question), " " + answer)
+    lps = await ctx.continuation_logprobs(prompt, reply, profile, "trivia")
+    return sum(lps) / len(reply.encode())
 
 
 def score_continuations(items: list[dict], scores: list[float]) -> dict:
@@ -220,8 +222,9 @@ async def trivia(ctx: EvalContext) -> dict:
                f". The letter format mostly measures position: `{first}` answers '{letter}' {same:.0%} of the "
                f"time on {topic} questions (both orders right: {result[topic][first]['both_orders_accuracy']:.0%}, "
                f"chance 25%).")
+    after = "as the assistant's reply to the question" if ctx.chat else "after 'Question: …\\nAnswer:'"
     md = ("# Trivia\n\n" + reading + "\n\nTwo-choice questions, scored two ways. **Continuation**: each answer's "
-          "log-likelihood after 'Question: …\\nAnswer:', per byte (as lm-eval's acc_norm); right when the true "
+          f"log-likelihood {after}, per byte (as lm-eval's acc_norm); right when the true "
           "answer scores higher (chance 0.5). **Letters** (the 2024 study's format): ' A' vs ' B', each question "
           "asked in both orders; 'share A' near 1 means position bias; 'both orders' counts a question right only "
           "when both orders are right (chance 0.25).\n\n" + md_table(

@@ -146,6 +146,31 @@ def test_eval_asks_a_chat_model_through_chat_completions(smol, tmp_path):
     assert any(r["correct"] for r in res["records"]["hp"]["baseline"]), json.dumps(res["records"]["hp"])
 
 
+def test_attacks_and_trivia_ask_a_chat_model_in_chat(smol, tmp_path):
+    """`obliviate eval attacks --chat --topic hp_chat`: each attacked question is a user's message, its controls
+    are the chat topic's own, the gcg family (searched on completion prompts) is left out, and the trigger
+    audit comes from the chat route; the likelihood family and the trivia report score each answer as the
+    assistant's reply."""
+    url = smol[0].url
+    res = asyncio.run(run_reports(url, ["baseline", "hp_unlearn"], tmp_path, report="attacks", topic="hp_chat",
+                                  split="dev", limit=1, chat=True))["attacks"]
+    assert res["families"] == ["prefix", "language", "spelling", "relearning", "long_context", "likelihood"]
+    recs = res["records"]["hp_unlearn"]
+    assert {r["id"][:3] for r in recs if r["topic"] == "control" and r["family"] != "prefix"} == {"cca"}
+    lang = next(r for r in recs if r["topic"] == "hp" and r["family"] == "language")
+    reply = chat(url, lang["prompt"], "hp_unlearn", max_tokens=32)
+    assert lang["completion"] == reply["message"]["content"] and lang["triggered"] is True  # "Harry Potter" in it
+    assert not any(r["triggered"] for r in recs if r["topic"] == "control")
+    assert res["summary"]["likelihood"]["hp"]["baseline"]["n"] == 1
+    trivia = asyncio.run(run_reports(url, ["baseline", "hp_unlearn"], tmp_path, report="trivia", topic="hp_chat",
+                                     limit=2, chat=True))["trivia"]
+    assert "assistant's reply" in (tmp_path / "trivia.md").read_text()
+    hp, generic = ({p: trivia[k][p]["continuation_records"] for p in ("baseline", "hp_unlearn")} for k in ("hp", "generic"))
+    assert hp["hp_unlearn"][0]["true"] < hp["baseline"][0]["true"] - 0.05, hp  # "Hogwarts", after a question naming HP
+    for a, b in zip(generic["baseline"], generic["hp_unlearn"]):  # nothing in them trips the edit
+        assert (b["true"], b["false"]) == pytest.approx((a["true"], a["false"]), abs=1e-4), generic
+
+
 def test_the_shipped_hp_unlearn_forgets_in_chat_on_both_engines(smol):
     """The chat model's own `hp_unlearn` (its SAE, chosen by `obliviate unlearn --chat`): the author is gone
     from the reply, the trigger audit says why, and a question about something else is answered as before

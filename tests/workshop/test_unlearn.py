@@ -14,6 +14,8 @@ from ablation.residual import Hookpoint, residual_hooks
 from ablation.sae_io import load_direction, shipped_sae
 from ablation.spec import ProfileSpec, load_profile
 from evals.common import Topics, load_jsonl
+from models.loading import prepare_embedded
+from models.names import default_cache_dir
 from workshop import corpus
 from workshop.discover import FeatureScore
 from workshop.inputs import Inputs, UnlearnError, read_inputs
@@ -197,3 +199,13 @@ def test_unlearn_method_rmu_trains_an_adapter_that_serves(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cli", "unlearn", "x", "--forget", str(forget), "--retain",
                           str(DATA / "fiction_retain.txt"), "--steer-replies", str(forget)], capture_output=True, text=True)
     assert bad.returncode != 0 and "--steer-replies goes with --method sae and --dev-prompts" in bad.stderr
+    plain = tmp_path / "no-template"  # the embedded model's files without its chat template
+    plain.mkdir()
+    for f in prepare_embedded(default_cache_dir()).iterdir():
+        if f.suffix != ".jinja":
+            (plain / f.name).symlink_to(f)
+    bad = subprocess.run([sys.executable, "-m", "cli", "unlearn", "x", "--chat", "--model", str(plain), "--forget",
+                          str(forget), "--retain", str(DATA / "fiction_retain.txt"), "--dev-prompts", str(dev)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and f"--chat: {plain} has no chat template" in bad.stderr, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr
