@@ -16,7 +16,8 @@ PROMPTS = [
     "The capital of France is",
     "In the Defence Against the Dark Arts class, Harry felt his scar",
 ]
-MODES = ["baseline", "t_sae_only", "t_zero", "t_keep_error", "t_clamp", "t_sequence", "t_seq_active", "t_steer", "t_dead_clamp"]
+MODES = ["baseline", "t_sae_only", "t_zero", "t_keep_error", "t_clamp", "t_sequence", "t_seq_active", "t_steer", "t_dead_clamp",
+         "hp_unlearn"]  # shipped: two interventions, two SAEs (layers 6 and 12), each with its own trigger
 # fp32 on CPU: HF (SDPA) and TransformerLens differ by ~2e-5 on logits of magnitude ~25 with no hook
 # observed, and <= 5e-5 under every test profile (printed by -s).
 ATOL = 1e-3
