@@ -350,7 +350,8 @@ def test_trigger_audit_says_where_the_edit_fired_streamed_or_not_and_counts_it(a
     assert generic == {"triggered": False}
     ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(prompts[0], add_special_tokens=False).input_ids
     assert hp["triggered"] and 0 < hp["first_token"] < len(ids)
-    assert hp["token"] == lm.tokenizer.decode([ids[hp["first_token"]]]) and hp["token"].strip() in ("Harry", "Potter")
+    assert hp["token"] == lm.tokenizer.decode([ids[hp["first_token"]]])
+    assert hp["token"].strip() in ("wizard", "Harry", "Potter")  # the layer-12 detector already reads "boy wizard" as HP
     # streamed: the audit comes with the choice's finish_reason
     with httpx.stream("POST", url + "/v1/completions", json={**body, "prompt": prompts[0], "stream": True},
                       timeout=120) as r:
