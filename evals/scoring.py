@@ -158,7 +158,7 @@ async def choice_logprobs(ctx: EvalContext, prompt: str, profile: str) -> tuple[
     letters = ("A", "B") if ctx.chat else (" A", " B")  # chat: the assistant's reply is the letter
     la, lb = [await ctx.continuation_logprobs(prompt, c, profile, "trivia") for c in letters]
     if len(la) != 1 or len(lb) != 1:
-        raise EvalError("the trivia report needs ' A' and ' B' to be single tokens for this model")
+        raise EvalError(f"the trivia report needs {letters[0]!r} and {letters[1]!r} to be single tokens for this model")
     return la[0], lb[0]
 
 
