@@ -96,7 +96,9 @@ def test_trivia_is_computed_from_the_returned_logits(server, tmp_path):
     prompt = scoring.trivia_prompt(item["question"], item["true"], item["false"])
     la, lb = (c.logprobs_of(prompt + s, "baseline")[0].logprobs[-1] for s in (" A", " B"))
     rec = res["hp"]["baseline"]["records"][0]
-    assert rec["true_as_A"] == pytest.approx([la, lb], abs=1e-5)
+    # the report's requests were batched together, these ran alone: fp32 rows differ by up to ~1e-4 with the
+    # batch's make-up (seen 6.9e-5 here); a wrong computation would be off by far more
+    assert rec["true_as_A"] == pytest.approx([la, lb], abs=2e-4)
     assert rec["right_as_A"] == (la > lb)
     s = res["hp"]["baseline"]
     assert s["accuracy"] == (sum(r["right_as_A"] + r["right_as_B"] for r in s["records"]) / 4)
@@ -106,7 +108,7 @@ def test_trivia_is_computed_from_the_returned_logits(server, tmp_path):
     start = next(i for i, off in enumerate(lp.offsets) if off >= len(q))
     expected = sum(lp.logprobs[start:]) / len((" " + item["true"]).encode())
     rec = s["continuation_records"][0]
-    assert rec["true"] == pytest.approx(expected, abs=1e-5) and rec["right"] == (rec["true"] > rec["false"])
+    assert rec["true"] == pytest.approx(expected, abs=2e-4) and rec["right"] == (rec["true"] > rec["false"])
     assert s["continuation_accuracy"] == sum(r["right"] for r in s["continuation_records"]) / 2
 
 
