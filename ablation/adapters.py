@@ -45,6 +45,14 @@ class Adapter:
     modules: dict[str, LoraWeights]  # module path in the *ForCausalLM ("model.layers.3.mlp.up_proj") -> weights
 
 
+def adapter_rank(path: str | Path) -> int:
+    """An adapter folder's LoRA rank from its config (0 where it cannot be read: load_adapter says why)."""
+    try:
+        return int(json.loads((Path(path) / CONFIG).read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def load_adapter(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_rank: int = MAX_RANK) -> Adapter:
     """A peft LoRA folder -> its weights per module; AdapterError for anything this server cannot apply

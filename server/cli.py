@@ -30,8 +30,11 @@ def add_serve(sub) -> None:
     p.add_argument("--enable-lora", action="store_true", default=None,
                    help="vllm engine: serve LoRA adapter profiles added at run time (on by itself when a served "
                         "profile names an adapter)")
-    p.add_argument("--max-loras", type=int, help="vllm engine: adapters in one batch (default 4)")
-    p.add_argument("--max-lora-rank", type=int, help="vllm engine: the largest adapter rank (default 16)")
+    p.add_argument("--max-loras", type=int,
+                   help="vllm engine: adapters in one batch (default: as many as the served profiles name, else 4)")
+    p.add_argument("--max-lora-rank", type=int,
+                   help="vllm engine: the largest adapter rank, one of vLLM's 1, 8, 16, 32 … 512 (default: the "
+                        "served adapters' largest, else 16)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--cache-dir", type=Path, help="where the embedded model is prepared once")
     p.add_argument("--chat-template", help="for /v1/chat/completions: a Jinja file or a shipped template (gemma); "

@@ -12,6 +12,8 @@ from ablation.spec import default_profiles_dir
 from models.names import DEFAULT_MODEL, default_cache_dir
 from server.errors import CLIError
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM takes
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OBLIVIATE_", extra="forbid")
@@ -29,10 +31,11 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = 1  # vllm engine only
     data_parallel_size: int = 1  # vllm engine only
     # LoRA adapter profiles on the vLLM engine (its per-request LoRA): on when a served profile names an adapter,
-    # or with enable_lora for adapter profiles added at run time; adapters held at once, the largest rank
+    # or with enable_lora for adapter profiles added at run time; adapters in one batch, the largest rank
+    # (None: what the served adapters need, their number and largest rank; 4 and 16 when none is served)
     enable_lora: bool = False
-    max_loras: int = 4
-    max_lora_rank: int = 16
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
     max_model_len: int = 2048
     cache_dir: Path = default_cache_dir()
     chat_template: str | None = None  # a Jinja file or a shipped name (models/templates); default: the model's
@@ -74,8 +77,8 @@ def check_serve(settings: Settings, api_key_flag: bool) -> None:
         raise CLIError("--replicas must be ≥ 0 and --max-replicas ≥ --replicas")
     if settings.max_replicas and not settings.replicas:
         raise CLIError("--max-replicas needs --replicas (the least number of replicas)")
-    if settings.max_loras < 1 or not 1 <= settings.max_lora_rank <= 512:
-        raise CLIError("--max-loras must be ≥ 1 and --max-lora-rank in [1, 512]")
+    if (settings.max_loras is not None and settings.max_loras < 1) or settings.max_lora_rank not in (None, *VLLM_LORA_RANKS):
+        raise CLIError(f"--max-loras must be ≥ 1 and --max-lora-rank one of {', '.join(map(str, VLLM_LORA_RANKS))}")
     if settings.engine == "builtin" and (settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1):
         raise CLIError("--tensor-parallel-size and --data-parallel-size need --engine vllm")
     loopback = settings.host in ("127.0.0.1", "localhost", "::1")

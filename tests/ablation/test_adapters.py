@@ -12,8 +12,10 @@ import torch
 from ablation.adapters import AdapterError, load_adapter
 from ablation.spec import ProfileError, load_profile
 from models.loading import load_info, load_model
-from server.app import profile_table
-from server.settings import Settings
+from server.app import lora_options, profile_table
+from server.engine.base import LoraOptions
+from server.errors import CLIError
+from server.settings import Settings, check_serve
 from tests.helpers import staggered_texts
 
 PROMPTS = ["Harry Potter and Ron Weasley took the train to", "The capital of France is",
@@ -161,7 +163,14 @@ def test_an_adapter_that_does_not_fit_is_refused_at_start_up(lm, lora, tmp_path,
     (pdir / "other.yaml").write_text(f"name: t_lora\nadapter: {path}\n")
     with pytest.raises(AdapterError, match="rank 4 is over the limit 2"):
         profile_table(Settings(profiles=[pdir], engine="vllm", max_lora_rank=2), info)
-    assert "t_lora" in profile_table(Settings(profiles=[pdir], engine="vllm"), info).specs
+    specs = profile_table(Settings(profiles=[pdir], engine="vllm"), info).specs
+    assert "t_lora" in specs
+    # vLLM's limits default to what the served adapters need: their number, their largest rank (4 -> vLLM's 8)
+    assert lora_options(Settings(), specs) == LoraOptions(True, 1, 8)
+    assert lora_options(Settings(max_loras=3, max_lora_rank=32), specs) == LoraOptions(True, 3, 32)
+    assert lora_options(Settings(enable_lora=True), {}) == LoraOptions(True, 4, 16)
+    with pytest.raises(CLIError, match="--max-lora-rank one of 1, 8, 16"):
+        check_serve(Settings(engine="vllm", max_lora_rank=4), False)
     # a running vLLM server: an adapter over its --max-lora-rank is a 400 naming the limit
     big = tmp_path / "big"
     get_peft_model(load_model("gemma-3-270m", device="cpu", dtype="float32").model,
