@@ -31,7 +31,7 @@ def add_serve(sub) -> None:
                    help="vllm engine: serve LoRA adapter profiles added at run time (on by itself when a served "
                         "profile names an adapter)")
     p.add_argument("--max-loras", type=int,
-                   help="vllm engine: adapters in one batch (default: as many as the served profiles name, else 4)")
+                   help="vllm engine: adapters in one batch (default: one more than the served profiles name, else 4; one slot stays free)")
     p.add_argument("--max-lora-rank", type=int,
                    help="vllm engine: the largest adapter rank, one of vLLM's 1, 8, 16, 32 … 512 (default: the "
                         "served adapters' largest, else 16)")

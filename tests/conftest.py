@@ -60,7 +60,8 @@ def vllm_server(test_profiles_dir, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
     runtime = test_profiles_dir.parent / "runtime-vllm"
     args = ["--engine", "vllm", "--profiles", str(default_profiles_dir()), "--profiles", str(test_profiles_dir),
-            "--max-model-len", "512", "--profiles-dir", str(runtime), "--enable-lora", "--max-lora-rank", "8"]
+            "--max-model-len", "512", "--profiles-dir", str(runtime), "--enable-lora", "--max-lora-rank", "8",
+            "--max-loras", "4"]  # the 2 shipped adapters, 1 added at run time, 1 free slot
     try:
         with ServerProcess(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log=log) as s:
             s.profiles_dir = runtime

@@ -27,15 +27,22 @@ class LoraOptions:
     max_loras: int = 4
     max_rank: int = 16
 
-    def check(self, specs: list[ProfileSpec], model: ModelInfo) -> None:
+    def check(self, specs: list[ProfileSpec], model: ModelInfo, served: set[str] = frozenset()) -> None:
         """Each adapter the specs name against these limits and the model's shapes (a ValueError that says
-        which), before the engine gets it."""
+        which), before the engine gets it; `served`: the adapters already served beside them. One slot stays
+        free: vLLM's CPU LoRA ops index the slot stack with -1 for rows without an adapter, which takes the
+        last slot, so with every slot in use those rows would get the last adapter (seen: an SAE profile's
+        row answered in hp_rmu's gibberish)."""
         paths = sorted({s.adapter for s in specs if s.adapter})
         if paths and not self.enabled:
             raise ValueError(f"adapter profiles need LoRA: start the server with --enable-lora ({paths[0]})")
         skeleton = model.skeleton() if paths else None
         for path in paths:
             check_adapter(load_adapter(path, max_rank=self.max_rank), skeleton, model.name)
+        total = len(set(paths) | set(served))
+        if paths and total >= self.max_loras:
+            raise ValueError(f"serving {total} adapter(s) needs --max-loras {total + 1} or more (one LoRA slot stays free for "
+                             f"the rows without an adapter)")
 
 
 # below this a temperature is greedy (as in vLLM): dividing logits by it would overflow

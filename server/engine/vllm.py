@@ -90,7 +90,7 @@ class VLLMEngine(Engine):
         log.info("vLLM workers serve profiles %s", sorted(self.served))
 
     async def add_profile(self, name: str, spec: ProfileSpec) -> None:
-        await asyncio.to_thread(self.lora.check, [spec], self.model)
+        await asyncio.to_thread(self.lora.check, [spec], self.model, {s.adapter for s in self.specs.values() if s.adapter})
         got = await self._rpc("obliviate_add", name, spec.model_dump())
         errors = [g for g in got if isinstance(g, str)]
         if errors or len(set(got)) != 1:

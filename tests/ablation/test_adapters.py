@@ -166,9 +166,11 @@ def test_an_adapter_that_does_not_fit_is_refused_at_start_up(lm, lora, tmp_path,
     specs = profile_table(Settings(profiles=[pdir], engine="vllm"), info).specs
     assert "t_lora" in specs
     # vLLM's limits default to what the served adapters need: their number, their largest rank (4 -> vLLM's 8)
-    assert lora_options(Settings(), specs) == LoraOptions(True, 1, 8)
+    assert lora_options(Settings(), specs) == LoraOptions(True, 2, 8)  # a slot for it and a free one
     assert lora_options(Settings(max_loras=3, max_lora_rank=32), specs) == LoraOptions(True, 3, 32)
     assert lora_options(Settings(enable_lora=True), {}) == LoraOptions(True, 4, 16)
+    with pytest.raises(ValueError, match=r"serving 1 adapter\(s\) needs --max-loras 2 or more \(one LoRA slot stays free"):
+        profile_table(Settings(profiles=[pdir], engine="vllm", max_loras=1), info)
     with pytest.raises(CLIError, match="--max-lora-rank one of 1, 8, 16"):
         check_serve(Settings(engine="vllm", max_lora_rank=4), False)
     # a running vLLM server: an adapter over its --max-lora-rank is a 400 naming the limit
