@@ -121,8 +121,8 @@ def lora_options(settings: Settings, specs: dict[str, ProfileSpec]) -> LoraOptio
     adapters = sorted({s.adapter for s in specs.values() if s.adapter})
     need = max((adapter_rank(a) for a in adapters), default=0)
     rank = next((r for r in VLLM_LORA_RANKS if r >= need), VLLM_LORA_RANKS[-1]) if adapters else 16
-    return LoraOptions(settings.enable_lora or bool(adapters), settings.max_loras or (len(adapters) + 1 if adapters else 4),
-                       settings.max_lora_rank or rank)
+    slots = len(adapters) + 1 if adapters else 4
+    return LoraOptions(settings.enable_lora or bool(adapters), settings.max_loras or slots, settings.max_lora_rank or rank)
 
 
 def build_app(settings: Settings, model: ModelInfo | None = None, table: ProfileTable | None = None,

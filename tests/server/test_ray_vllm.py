@@ -14,7 +14,9 @@ from server.live import ServerProcess
 
 JOBS = [("Harry Potter studies at", "hp_unlearn"), ("Harry Potter studies at", "baseline"),
         ("Han Solo flies the Millennium", "sw_unlearn"), ("The headmaster of Hogwarts is Albus", "hp_rmu"),
-        ("The largest planet is", "prompted")]
+        ("The largest planet is", "prompted"), ("Hermione Granger is", "hp_npo")]
+# both shipped adapters in one batch: with a LoRA slot for each and none free, vLLM's CPU LoRA would give the
+# rows without an adapter the last slot's (the engine keeps one free: LoraOptions.check)
 
 
 @pytest.fixture(scope="module")
