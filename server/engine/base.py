@@ -30,9 +30,10 @@ class LoraOptions:
     def check(self, specs: list[ProfileSpec], model: ModelInfo, served: set[str] = frozenset()) -> None:
         """Each adapter the specs name against these limits and the model's shapes (a ValueError that says
         which), before the engine gets it; `served`: the adapters already served beside them. One slot stays
-        free: vLLM's CPU LoRA ops index the slot stack with -1 for rows without an adapter, which takes the
-        last slot, so with every slot in use those rows would get the last adapter (seen: an SAE profile's
-        row answered in hp_rmu's gibberish)."""
+        free: vLLM's own CPU LoRA ops index the slot stack with -1 for rows without an adapter, which takes
+        the last slot, so with every slot in use those rows would get the last adapter (seen: an SAE
+        profile's row answered in hp_rmu's gibberish). The worker's grouped ops (vllm_lora.py) give such rows
+        none, but hand shapes they do not expect back to vLLM's."""
         paths = sorted({s.adapter for s in specs if s.adapter})
         if paths and not self.enabled:
             raise ValueError(f"adapter profiles need LoRA: start the server with --enable-lora ({paths[0]})")

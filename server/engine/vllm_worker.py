@@ -20,6 +20,7 @@ from ablation.guard import guard_logits
 from ablation.hooks import HookContext, ProfileTable
 from ablation.residual import residual_hooks
 from ablation.spec import ProfileSpec
+from server.engine.vllm_lora import group_runner_lora
 
 log = logging.getLogger("obliviate.vllm_worker")
 
@@ -125,6 +126,7 @@ class VLLMWorkerExtension:
 
     def obliviate_install(self, profiles: dict[str, dict], banned: list[int] = (), audit: bool = True) -> list[str]:
         runner = self.model_runner
+        group_runner_lora(runner)  # vLLM's own LoRA (adapter profiles): one matmul per adapter, not per token
         model = runner.get_model()
         weight = next(model.parameters())
         specs = {name: _hooked(spec) for name, spec in profiles.items()}
