@@ -40,7 +40,8 @@ PROMPTS = [
 
 NO_AUDIT = "-noaudit"
 REPLICAS = " x"  # "builtin x2": the engine as 2 Ray Serve replicas (--replicas)
-ENGINES = ("builtin", "vllm", "vllm-plain", "builtin" + NO_AUDIT, "vllm" + NO_AUDIT)
+PLAIN = ("vllm-plain", "vllm-defaults")  # vLLM's own server: in our dtype and eager mode / as its defaults start it
+ENGINES = ("builtin", "vllm", *PLAIN, "builtin" + NO_AUDIT, "vllm" + NO_AUDIT)
 
 
 def add_bench(sub) -> None:
@@ -48,7 +49,8 @@ def add_bench(sub) -> None:
     p.add_argument("--server", help="benchmark a running server instead of starting one")
     p.add_argument("--model", default="gemma-3-270m", help="the model name requests carry")
     p.add_argument("--engines", type=comma_list(), default=["builtin"], help="comma-separated: builtin, vllm, vllm-plain "
-                   "(vLLM's own OpenAI server, no hooks), builtin-noaudit, vllm-noaudit (without the trigger audit)")
+                   "(vLLM's own OpenAI server, no hooks, in the same dtype and eager mode), vllm-defaults (vLLM's own "
+                   "server as its defaults start it: its dtype, compiled), builtin-noaudit, vllm-noaudit (without the trigger audit)")
     p.add_argument("--concurrency", type=comma_list(int), default=[1, 8, 32])
     p.add_argument("--profiles", type=comma_list(),
                    default=["baseline", "hp_unlearn", "sae_only", "mix"])
@@ -57,8 +59,8 @@ def add_bench(sub) -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--requests", type=int, default=2, help="requests per client (at least 4 in all)")
     p.add_argument("--hf-batch", type=int, default=8, help="plain HF generate at this batch (0: skip)")
-    p.add_argument("--dtype", help="model dtype for every engine and HF generate (default: float32 on CPU, "
-                   "bfloat16 on GPU, the server's own rule; vLLM's own server would take bf16 for this model)")
+    p.add_argument("--dtype", help="model dtype for every engine but vllm-defaults, and HF generate "
+                   "(default: the server's own rule, the hardware's native precision)")
     p.add_argument("--replicas", type=int, default=0, help="also serve each engine as N Ray Serve replicas of "
                    "1/N of the CPU threads each (`obliviate serve --replicas N --replica-threads`): the scaling ratio "
                    "'ENGINE xN / ENGINE' against one process with every thread")
@@ -73,8 +75,8 @@ def cmd_bench(args) -> int:
         raise CLIError(f"unknown engine {bad[0]!r}: use {', '.join(ENGINES)}")
     if not levels or min(levels) < 1 or args.tokens < 1 or args.requests < 1:
         raise CLIError("--concurrency, --tokens and --requests must be ≥ 1")
-    if args.replicas and (args.replicas < 2 or args.server or any(e.startswith("vllm-plain") for e in engines)):
-        raise CLIError("--replicas N needs N ≥ 2 and engines started here (not --server or vllm-plain)")
+    if args.replicas and (args.replicas < 2 or args.server or any(e in PLAIN for e in engines)):
+        raise CLIError("--replicas N needs N ≥ 2 and engines started here (not --server, vllm-plain or vllm-defaults)")
     if args.replicas:
         engines = [e for engine in engines for e in (engine, f"{engine}{REPLICAS}{args.replicas}")]
     results = {"config": {k: str(v) for k, v in vars(args).items() if k != "func"}, "runs": [], "machine": _machine(),
@@ -85,7 +87,7 @@ def cmd_bench(args) -> int:
             if REPLICAS in engine:
                 _wait_for_replicas(url, args.replicas)
             name = "server" if args.server else engine
-            plist = ["baseline"] if engine == "vllm-plain" else profiles
+            plist = ["baseline"] if engine in PLAIN else profiles
             results["runs"] += asyncio.run(_workload(url, name, levels, plist, args))
             if name == "builtin" or args.server:
                 results["short_during_long"] = asyncio.run(_short_during_long(url, args.model))
@@ -104,16 +106,17 @@ def _dtype(args) -> str:
 
 
 def _server(engine: str, args):
-    """A started server for `engine` (`obliviate serve`, or vLLM's own OpenAI server for vllm-plain),
-    all in the same dtype."""
+    """A started server for `engine` (`obliviate serve`, or vLLM's own OpenAI server for PLAIN), all in
+    the same dtype but vllm-defaults (vLLM's own choice)."""
     # deferred: the command line answers --help and bad arguments before torch and the model stack load
     from models.loading import default_cache_dir, prepare_embedded
     from server.live import ServerProcess
 
-    if engine == "vllm-plain":
+    if engine in PLAIN:
         path = prepare_embedded(default_cache_dir())
-        return ServerProcess("--model", str(path), "--served-model-name", args.model, "--enforce-eager",
-                             "--max-model-len", "2048", "--disable-log-stats", "--dtype", _dtype(args),
+        ours = ["--enforce-eager", "--dtype", _dtype(args)] if engine == "vllm-plain" else []
+        return ServerProcess("--model", str(path), "--served-model-name", args.model, *ours,
+                             "--max-model-len", "2048", "--disable-log-stats",
                              cmd=[sys.executable, "-m", "vllm.entrypoints.openai.api_server"],
                              env={"VLLM_CPU_KVCACHE_SPACE": "4"})  # GiB, as the vllm engine takes
     engine, _, n = engine.partition(REPLICAS)
@@ -252,12 +255,12 @@ def ratios(results: dict) -> dict:
         one, _, n = engine.partition(REPLICAS)
         if n and (single := tps.get((one, c, profile))):
             out[f"{engine} / {one} c{c} {profile}"] = round(v / single, 3)
-    for engine in ("vllm",):
-        for ref in ("builtin", "vllm-plain"):
+    for engine in ("vllm", "builtin"):
+        for ref in [r for r in ("builtin", *PLAIN) if r != engine]:
             for c in sorted({c for _, c, _ in tps}):
                 for profile in ("baseline", "mix", "sae_only", "hp_unlearn"):
                     a, b = tps.get((engine, c, profile)), tps.get((ref, c, "baseline"))
-                    if a and b and (ref == "vllm-plain" or profile == "baseline"):
+                    if a and b and (ref in PLAIN or profile == "baseline"):
                         out[f"{engine} c{c} {profile} / {ref} c{c} baseline"] = round(a / b, 3)
     return out
 

@@ -141,9 +141,15 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """`dtype`, or the device's native precision: bf16 on GPUs and on CPUs that compute in it (AVX512-BF16
+    or AMX), fp32 on other CPUs (bf16 there is emulated, slower than fp32)."""
     if dtype:
         return getattr(torch, dtype)
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return torch.bfloat16 if device.type != "cpu" or cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def dtype_name(dtype: str | None, device: str | None = None) -> str:

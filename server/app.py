@@ -115,9 +115,7 @@ def profile_table(settings: Settings, model: ModelInfo) -> ProfileTable:
 def lora_options(settings: Settings, specs: dict[str, ProfileSpec]) -> LoraOptions:
     """vLLM's LoRA: on with --enable-lora or when a served profile names an adapter. Its limits default to
     what the served adapters need (one slot each and a free one, see LoraOptions.check; their largest rank):
-    vLLM's CPU LoRA pads every adapter to the largest rank and sets aside a slot for each of max_loras, and a
-    mix of two rank-8 adapters served at 0.62x baseline with 4 slots of rank 16 against 0.70x with 3 of
-    rank 8 (`obliviate bench`, 32 clients)."""
+    vLLM pads every adapter to the largest rank and keeps a stack of weights for each of max_loras slots."""
     adapters = sorted({s.adapter for s in specs.values() if s.adapter})
     need = max((adapter_rank(a) for a in adapters), default=0)
     rank = next((r for r in VLLM_LORA_RANKS if r >= need), VLLM_LORA_RANKS[-1]) if adapters else 16

@@ -22,7 +22,8 @@ def add_serve(sub) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the hardware's native "
+                   "precision, bfloat16 on GPUs and on CPUs with AVX512-BF16 or AMX, else float32")
     p.add_argument("--engine", choices=["builtin", "vllm"], help="builtin (default) or vllm")
     p.add_argument("--max-batch-size", type=int, help="most sequences decoded together (default 32)")
     p.add_argument("--tensor-parallel-size", type=int, help="vllm engine: GPUs per model replica")

@@ -4,6 +4,8 @@ subprocess (vLLM starts processes of its own)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ablation.hooks import ProfileTable
@@ -12,6 +14,11 @@ from models.loading import hooked_transformer, load_model
 from server.live import LiveServer, ServerProcess
 from server.settings import Settings
 from tests.helpers import TEST_PROFILES, build_sae, identity_sae, save_sae, write_profile
+
+# The suite checks exact equalities in fp32 (logprobs against reference forwards, greedy text across the
+# engines): every server it starts serves fp32 unless a test asks for another dtype. (The default is the
+# hardware's native precision, bf16 on CPUs with AVX512-BF16: tests/server/test_native_precision.py.)
+os.environ.setdefault("OBLIVIATE_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")
