@@ -200,3 +200,17 @@ def test_bench_ratios_give_the_trigger_audits_cost():
     r = ratios({"runs": runs})
     assert r["builtin c8 hp_unlearn / builtin-noaudit"] == round(90 / 91, 3)
     assert r["builtin c8 baseline / builtin-noaudit"] == 1.0 and r["builtin c8 hp_unlearn / baseline"] == 0.9
+
+
+def test_bench_ratios_against_vllms_own_server_as_its_defaults_start_it():
+    from evals.bench import ratios
+    runs = [{"engine": e, "concurrency": 32, "profile": p, "tok_s": v} for e, p, v in (
+        ("builtin", "baseline", 120.0), ("builtin", "mix", 100.0), ("vllm", "baseline", 180.0),
+        ("vllm", "hp_unlearn", 160.0), ("vllm-defaults", "baseline", 200.0))]
+    r = ratios({"runs": runs})
+    assert r["vllm c32 baseline / vllm-defaults c32 baseline"] == 0.9
+    assert r["vllm c32 hp_unlearn / vllm-defaults c32 baseline"] == 0.8
+    assert r["builtin c32 baseline / vllm-defaults c32 baseline"] == 0.6
+    assert r["builtin c32 mix / vllm-defaults c32 baseline"] == 0.5
+    assert r["vllm c32 baseline / builtin c32 baseline"] == 1.5
+    assert not any(k.startswith("vllm-defaults") for k in r)
