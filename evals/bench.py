@@ -1,7 +1,7 @@
 """`obliviate bench`: serving speed over HTTP, as users get it, with ratios measured in one run.
 
 For each engine it starts `obliviate serve` in a subprocess (or uses --server URL), then runs a fixed
-workload (the prompts below, greedy, --tokens new tokens each) at each concurrency for each profile
+workload (the prompts below, greedy or --temperature/--top-p, --tokens new tokens each) at each concurrency for each profile
 (`mix` cycles request by request through --mix, by default the other profiles). In the same run, with no server running, it
 times plain HF `generate` at batch --hf-batch on the same prompts: the reference the ratios use.
 It also sends a 4-token request while a 200-token one runs and records how far the long one got.
@@ -57,6 +57,8 @@ def add_bench(sub) -> None:
     p.add_argument("--mix", type=comma_list(), help="the profiles the `mix` row cycles through, request by request "
                    "(default: the other --profiles)")
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="the workload's sampling (default greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--requests", type=int, default=2, help="requests per client (at least 4 in all)")
     p.add_argument("--hf-batch", type=int, default=8, help="plain HF generate at this batch (0: skip)")
     p.add_argument("--dtype", help="model dtype for every engine but vllm-defaults, and HF generate "
@@ -137,9 +139,11 @@ def _wait_for_replicas(url: str, n: int, timeout: float = 600) -> None:
         time.sleep(0.2)
 
 
-async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: str, tokens: int) -> tuple[float, int]:
+async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: str, tokens: int,
+                    sampling: dict | None = None) -> tuple[float, int]:
     # ignore_eos (vLLM's too): every request of the workload generates exactly `tokens`
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True,
+            **(sampling or {"temperature": 0})}
     if profile != "baseline":
         body["profile"] = profile
     t0 = time.perf_counter()
@@ -170,7 +174,8 @@ async def _workload(url: str, engine: str, levels: list[int], profiles: list[str
                     nonlocal toks
                     while queue:
                         prompt, prof = queue.pop()
-                        dt, k = await _complete(http, args.model, prompt, prof, args.tokens)
+                        dt, k = await _complete(http, args.model, prompt, prof, args.tokens,
+                                                {"temperature": args.temperature, "top_p": args.top_p})
                         lat.append(dt)
                         toks += k
                         bar.update()
