@@ -11,12 +11,11 @@ V = 262144
 
 
 def reference_kept(scaled: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """min_p, top_k and top_p by definition, over the whole vocabulary with a full sort."""
+    """min_p, top_k and top_p by definition, from one full sort of the vocabulary."""
     probs = torch.softmax(scaled, -1)
-    if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
-    if 0 < p.top_k < probs.shape[-1]:
-        probs = probs.masked_fill(probs < probs.topk(p.top_k).values[-1], 0)
+    ranked = probs.sort(descending=True).values
+    floor = max(p.min_p * ranked[0], ranked[p.top_k - 1] if 0 < p.top_k < len(ranked) else 0)
+    probs = probs * (probs >= floor)
     if p.top_p < 1.0:
         sp, idx = probs.sort(descending=True)
         mass_before = sp.cumsum(-1) / sp.sum() - sp / sp.sum()
