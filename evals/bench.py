@@ -77,6 +77,8 @@ def cmd_bench(args) -> int:
         raise CLIError(f"unknown engine {bad[0]!r}: use {', '.join(ENGINES)}")
     if not levels or min(levels) < 1 or args.tokens < 1 or args.requests < 1:
         raise CLIError("--concurrency, --tokens and --requests must be ≥ 1")
+    if not (0 <= args.temperature <= 2 and 0 < args.top_p <= 1):
+        raise CLIError("--temperature must be in [0, 2] and --top-p in (0, 1], as the API takes them")
     if args.replicas and (args.replicas < 2 or args.server or any(e in PLAIN for e in engines)):
         raise CLIError("--replicas N needs N ≥ 2 and engines started here (not --server, vllm-plain or vllm-defaults)")
     if args.replicas:
@@ -140,10 +142,10 @@ def _wait_for_replicas(url: str, n: int, timeout: float = 600) -> None:
 
 
 async def _complete(http: httpx.AsyncClient, model: str, prompt: str, profile: str, tokens: int,
-                    sampling: dict | None = None) -> tuple[float, int]:
+                    temperature: float = 0.0, top_p: float = 1.0) -> tuple[float, int]:
     # ignore_eos (vLLM's too): every request of the workload generates exactly `tokens`
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True,
-            **(sampling or {"temperature": 0})}
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "temperature": temperature,
+            "top_p": top_p}
     if profile != "baseline":
         body["profile"] = profile
     t0 = time.perf_counter()
@@ -174,8 +176,8 @@ async def _workload(url: str, engine: str, levels: list[int], profiles: list[str
                     nonlocal toks
                     while queue:
                         prompt, prof = queue.pop()
-                        dt, k = await _complete(http, args.model, prompt, prof, args.tokens,
-                                                {"temperature": args.temperature, "top_p": args.top_p})
+                        dt, k = await _complete(http, args.model, prompt, prof, args.tokens, args.temperature,
+                                                args.top_p)
                         lat.append(dt)
                         toks += k
                         bar.update()

@@ -16,9 +16,9 @@ from server.settings import Settings
 from tests.helpers import TEST_PROFILES, build_sae, identity_sae, save_sae, write_profile
 
 # The suite checks exact equalities in fp32 (logprobs against reference forwards, greedy text across the
-# engines): every server it starts serves fp32 unless a test asks for another dtype. (The default is the
-# hardware's native precision, bf16 on CPUs with AVX512-BF16: tests/server/test_native_precision.py.)
-os.environ.setdefault("OBLIVIATE_DTYPE", "float32")
+# engines): every server it starts serves fp32 unless a test asks for another dtype, whatever the shell has set.
+# (The default is the hardware's native precision, bf16 on CPUs with AVX512-BF16: test_native_precision.py.)
+os.environ["OBLIVIATE_DTYPE"] = "float32"
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,8 @@ def test_bench_bad_arguments_fail_before_any_server_starts():
     assert "must be ≥ 1" in one_line_error(obliviate("bench", "--concurrency", "0"))
     assert "expected comma-separated int values" in one_line_error(obliviate("bench", "--concurrency", "eight"))
     assert "--replicas N needs N ≥ 2" in one_line_error(obliviate("bench", "--replicas", "1"))
+    assert "--top-p in (0, 1]" in one_line_error(obliviate("bench", "--top-p", "0"))
+    assert "--temperature must be in [0, 2]" in one_line_error(obliviate("bench", "--temperature", "-1"))
     assert "not --server, vllm-plain or vllm-defaults" in one_line_error(obliviate("bench", "--replicas", "2", "--engines", "vllm-plain"))
 
 
