@@ -87,7 +87,7 @@ def make_engine(settings: Settings, model, table: ProfileTable) -> Engine:
                           max_model_len=min(settings.max_model_len, model.max_len),
                           tensor_parallel_size=settings.tensor_parallel_size,
                           data_parallel_size=settings.data_parallel_size, audit=settings.trigger_audit,
-                          lora=lora_options(settings, table.specs))
+                          eager=settings.enforce_eager, lora=lora_options(settings, table.specs))
     return BuiltinEngine(model, table, settings.max_batch_size, audit=settings.trigger_audit)
 
 

@@ -28,6 +28,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch-size", type=int, help="most sequences decoded together (default 32)")
     p.add_argument("--tensor-parallel-size", type=int, help="vllm engine: GPUs per model replica")
     p.add_argument("--data-parallel-size", type=int, help="vllm engine: model replicas")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="vllm engine: run the model eagerly, not in vLLM's compiled mode (the edit runs in both)")
     p.add_argument("--enable-lora", action="store_true", default=None,
                    help="vllm engine: serve LoRA adapter profiles added at run time (on by itself when a served "
                         "profile names an adapter)")

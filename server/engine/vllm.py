@@ -1,5 +1,6 @@
 """The vLLM engine: vLLM's AsyncLLM (paged KV cache, continuous batching, chunked prefill, prefix
-caching, tensor/data parallelism) in eager mode, with the project's profile hooks in its worker.
+caching, tensor/data parallelism) in its compiled mode (or eager), with the project's profile edit in
+its worker (vllm_edit.py: how the edit lives inside the compiled graph).
 
 Each choice is one vLLM request whose SamplingParams.extra_args name its profile; the worker
 extension (vllm_worker.py) installs the hooks and builds each forward's HookContext from the batch.
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 
 from vllm import AsyncEngineArgs
 from vllm import SamplingParams as VSamplingParams
+from vllm.config import CompilationConfig
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
@@ -28,6 +30,7 @@ from ablation.spec import ProfileSpec
 from models.loading import ModelInfo
 from server.engine.base import (ChoiceOutput, Engine, EngineError, EngineStats, Prompt, SamplingParams, TokenLogprob,
                                 LoraOptions, choices, drain)
+from server.engine.vllm_edit import EDIT_VERSION, LOAD_FORMAT, OP
 from server.engine.vllm_worker import AUDIT_KEY, PROFILE_KEY
 
 log = logging.getLogger("obliviate.vllm")
@@ -47,11 +50,12 @@ class VLLMEngine(Engine):
 
     def __init__(self, model: ModelInfo, profiles: dict[str, ProfileSpec], *, dtype: str | None = None,
                  max_batch_size: int = 32, max_model_len: int = 2048, tensor_parallel_size: int = 1,
-                 data_parallel_size: int = 1, kv_cache_gib: int = 4, audit: bool = True,
+                 data_parallel_size: int = 1, kv_cache_gib: int = 4, audit: bool = True, eager: bool = False,
                  lora: LoraOptions = LoraOptions()):
         self.model, self.specs = model, dict(profiles)
         self.options = dict(dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len,
-                            tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
+                            tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                            eager=eager)
         self.kv_cache_gib = kv_cache_gib
         self.lora = lora  # vLLM's per-request LoRA serves the adapter profiles
         self._lora_ids: dict[str, int] = {}  # adapter folder -> its LoRARequest id (one per folder, from 1)
@@ -77,7 +81,10 @@ class VLLMEngine(Engine):
             model=self.model.path, tokenizer=self.model.path, served_model_name=[self.model.name],
             dtype=o["dtype"] or "auto", max_model_len=o["max_model_len"], max_num_seqs=o["max_batch_size"],
             tensor_parallel_size=o["tensor_parallel_size"], data_parallel_size=o["data_parallel_size"],
-            enforce_eager=True,  # compiled graphs skip Python hooks
+            enforce_eager=o["eager"], load_format=LOAD_FORMAT,  # the edit's boundaries are placed as it loads
+            additional_config={"obliviate_edit": EDIT_VERSION},  # vLLM's compile cache: never a graph without them
+            **({} if o["eager"] or current_platform.is_cpu() else
+               dict(compilation_config={"splitting_ops": [*CompilationConfig._attention_ops, OP]})),
             enable_prefix_caching=True, worker_extension_cls="server.engine.vllm_worker.VLLMWorkerExtension",
             disable_log_stats=False, enable_lora=self.lora.enabled,
             **(dict(max_loras=self.lora.max_loras, max_lora_rank=self.lora.max_rank) if self.lora.enabled else {}))

@@ -1,7 +1,9 @@
 """Inside vLLM's worker process: the profile hooks on vLLM's model, and each forward's HookContext.
 
-vLLM loads `VLLMWorkerExtension` by its qualified name into the worker class; the engine calls
-`obliviate_install` through collective_rpc once the model is loaded. From then on every forward of
+vLLM loads `VLLMWorkerExtension` by its qualified name into the worker class; the model is loaded by
+the `obliviate` loader (vllm_edit.py), which places the edit's boundaries before vLLM compiles it; the
+engine calls `obliviate_install` through collective_rpc once the model is loaded, which sets the
+hook functions at those boundaries. From then on every forward of
 the model runner is wrapped: the runner's batch (its requests in order, the token range of each,
 their sampling params' extra_args) becomes a HookContext that the hooks read for the length of that
 forward, and after the forward the `sequence` condition's state is kept per request, as is the
@@ -12,14 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from contextlib import ExitStack
 
 import torch
 
 from ablation.guard import guard_logits
 from ablation.hooks import HookContext, ProfileTable
-from ablation.residual import residual_hooks
 from ablation.spec import ProfileSpec
+from server.engine.vllm_edit import boundaries_of, install
 from server.engine.vllm_lora import group_runner_lora
 
 log = logging.getLogger("obliviate.vllm_worker")
@@ -134,13 +135,11 @@ class VLLMWorkerExtension:
         config = model.config
         table.check_model(config.num_hidden_layers, config.hidden_size)
         self._obliviate = table
-        self._obliviate_hooks = ExitStack()
         contexts = ForwardContexts(runner, table, weight.device, audit)
         self._obliviate_contexts = contexts
-        # vLLM's models do not all hand keyword arguments on to their layers (Llama does not): the hooks
-        # read the context of the running forward from `contexts`, set around that forward only
-        self._obliviate_hooks.enter_context(residual_hooks(model, table.layer_hooks(context=contexts.running),
-                                                           paired=True))
+        # the hooks read the context of the running forward from `contexts`, set around that forward only
+        self._obliviate_boundaries = boundaries_of(model)
+        install(self._obliviate_boundaries, table.layer_hooks(context=contexts.running))
         forward = runner._model_forward
 
         def model_forward(*args, **kwargs):
@@ -183,8 +182,7 @@ class VLLMWorkerExtension:
             return f"{type(e).__name__}: {e}"
         index, (new, _) = len(table.installed), table.install(name, parsed, compiled)
         if new:
-            hooks = table.layer_hooks(new, context=self._obliviate_contexts.running)
-            self._obliviate_hooks.enter_context(residual_hooks(self.model_runner.get_model(), hooks, paired=True))
+            install(self._obliviate_boundaries, table.layer_hooks(new, context=self._obliviate_contexts.running))
         self._obliviate_guarded = table.guarded()
         return index
 
