@@ -49,17 +49,16 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 @contextmanager
-def residual_hooks(model: torch.nn.Module, fns: dict[Hookpoint, ResidualFn], paired: bool = False) -> Iterator[None]:
+def residual_hooks(model: torch.nn.Module, fns: dict[Hookpoint, ResidualFn]) -> Iterator[None]:
     """Runs fns[hp](x, kwargs) on the residual at each hook point while the block lasts; raises on a
-    hook point the model does not have. paired: the layers carry the stream as (hidden, residual)
-    whose sum it is (vLLM's fused add + norm); an edited stream is handed on as (0, x')."""
+    hook point the model does not have. (vLLM's models: server/engine/vllm_edit.py.)"""
     layers = decoder_layers(model)
     handles = []
     try:
         for hp, fn in fns.items():
             if not 0 <= hp.layer < len(layers):
                 raise ValueError(f"hookpoint {hp} does not exist: the model has {len(layers)} layers")
-            hook = (_paired_post if paired else _post) if hp.kind == "post" else (_paired_pre if paired else _pre)
+            hook = _post if hp.kind == "post" else _pre
             module = layers[hp.layer]
             if hp.kind == "post":
                 handles.append(module.register_forward_hook(hook(fn), with_kwargs=True))
@@ -84,25 +83,6 @@ def _pre(fn: ResidualFn):
         if args:
             return (fn(args[0], kwargs),) + args[1:], kwargs
         return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"], kwargs)}
-    return hook
-
-
-def _paired_post(fn: ResidualFn):
-    def hook(_m, _args, kwargs, out):  # out: (hidden, residual)
-        x = out[0] + out[1]
-        y = fn(x, kwargs)
-        return out if y is x else (torch.zeros_like(y), y)
-    return hook
-
-
-def _paired_pre(fn: ResidualFn):
-    def hook(_m, args, kwargs):  # args: (positions, hidden, residual or None at layer 0)
-        positions, hidden, residual = args[:3]
-        x = hidden if residual is None else hidden + residual
-        y = fn(x, kwargs)
-        if y is x:
-            return None
-        return ((positions, y, None) if residual is None else (positions, torch.zeros_like(y), y)) + args[3:], kwargs
     return hook
 
 
