@@ -150,13 +150,15 @@ def apply_edits(
     fired: torch.Tensor | None = None,
     seq: torch.Tensor | None = None,
     prompt: torch.Tensor | None = None,
+    acts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """x: [..., d_model] residual ([B, S, d] rows or [N, d] tokens) -> (edited residual in x's
     dtype, updated `fired`, where the edit fired: [...] bool). valid: [...] positions that may be edited and may count as firing
-    (False at padding, BOS); prompt: [...] True at prompt tokens (None: every token is one)."""
+    (False at padding, BOS); prompt: [...] True at prompt tokens (None: every token is one); acts:
+    encode(sae, x) where the caller has it already (it may be written to)."""
     if edit.is_noop:
         return x, fired, torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-    acts = encode(sae, x)
+    acts = encode(sae, x) if acts is None else acts
     if edit.features.numel() == 0:  # sae_only, or a steer alone (keep_error)
         hit = on = everywhere(acts, valid)
         out = x if edit.keep_error else sae.decode(acts).to(x.dtype)

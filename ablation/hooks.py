@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # deferred: the type only (sae_lens, with transformer_lens, t
     from sae_lens import SAE
 
 from ablation.adapters import Adapter, AdapterEntry, check_adapter, load_adapter
-from ablation.edit import EditTensors, apply_edits
+from ablation.edit import EditTensors, apply_edits, encode
 from ablation.residual import Hookpoint, ResidualFn
 from ablation.sae_io import load_direction, load_sae, sae_dims
 from ablation.spec import ProfileSpec
@@ -225,25 +225,46 @@ class ResidualHook:
         self.entries = entries
 
     def __call__(self, x: torch.Tensor, ctx: HookContext | None) -> torch.Tensor:
-        """x: [..., d_model] (the context's N tokens) -> the residual with each token's profile applied."""
+        """x: [..., d_model] (the context's N tokens) -> the residual with each token's profile applied.
+        The profiles that share an SAE here are encoded together: one pass over its encoder for all their
+        tokens (a profile with several interventions at this hook point applies them in turn: its k-th
+        ones form the k-th wave, which starts from the residual the waves before it left)."""
         if ctx is None:
             return x
         flat = x.reshape(-1, x.shape[-1])
         out = None
+        for wave in self._waves(ctx):
+            cur = flat if out is None else out
+            for sae, group in wave.values():
+                acts = encode(sae, cur[torch.cat([idx for _, idx in group]) if len(group) > 1 else group[0][1]])
+                at = 0
+                for e, idx in group:
+                    n = idx.shape[0]
+                    valid = ~ctx.first[idx] if e.edit.skip_bos else None
+                    prompt = None if ctx.prompt is None else ctx.prompt[idx]
+                    y, fired, hit = apply_edits(cur[idx], sae, e.edit, valid, ctx.fired.get(self.hookpoint),
+                                                ctx.seq[idx], prompt, acts[at:at + n])
+                    at += n
+                    if fired is not None:
+                        ctx.fired[self.hookpoint] = fired
+                    ctx.note_fired(idx, hit)
+                    out = flat.clone() if out is None else out
+                    out[idx] = y
+        return x if out is None else out.view_as(x)
+
+    def _waves(self, ctx: HookContext) -> list[dict[int, tuple[SAE, list[tuple[HookEntry, torch.Tensor]]]]]:
+        """The entries with tokens in this forward, as waves of {SAE id: (SAE, [(entry, its token indices)])}."""
+        waves: list[dict] = []
+        seen: dict[int, int] = {}  # profile -> its entries so far
         for e in self.entries:
             idx = ctx.rows_for.get(e.profile)
             if idx is None or e.edit.is_noop:
                 continue
-            valid = ~ctx.first[idx] if e.edit.skip_bos else None
-            prompt = None if ctx.prompt is None else ctx.prompt[idx]
-            y, fired, hit = apply_edits(flat[idx], e.sae, e.edit, valid, ctx.fired.get(self.hookpoint), ctx.seq[idx],
-                                        prompt)
-            if fired is not None:
-                ctx.fired[self.hookpoint] = fired
-            ctx.note_fired(idx, hit)
-            out = flat.clone() if out is None else out
-            out[idx] = y
-        return x if out is None else out.view_as(x)
+            k = seen[e.profile] = seen.get(e.profile, -1) + 1
+            if k == len(waves):
+                waves.append({})
+            waves[k].setdefault(id(e.sae), (e.sae, []))[1].append((e, idx))
+        return waves
 
     def on_layer(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """As installed by residual_hooks: the context comes with the layer's keyword arguments."""

@@ -234,3 +234,32 @@ def test_a_steer_is_added_exactly_where_the_sequence_edit_is_on(arch, x):
     assert EditTensors.from_intervention(iv.model_copy(update={"keep_error": True, "edits": [],
                                                                "steer": Steer(vector="v", scale=1.0)}),
                                          direction=direction).is_noop is False
+
+
+def test_the_hook_encodes_profiles_sharing_an_sae_together_and_applies_a_profiles_interventions_in_turn():
+    """ResidualHook groups the profiles at a hook point by SAE (one encode for all their tokens); a profile
+    with two interventions there applies the second to what the first left. Each token must come out as
+    its own profile's interventions applied one after the other to it alone."""
+    from ablation.hooks import HookContext, HookEntry, ResidualHook
+    from ablation.residual import Hookpoint
+
+    a, b = build_sae("topk", D, 64, seed=3), build_sae("standard", D, 64, seed=4)
+    top = a.encode(torch.randn(64, D, generator=torch.Generator().manual_seed(5)) * 5).abs().sum(0).topk(6).indices
+    f = [int(i) for i in top]
+    entries = [HookEntry(0, a, edit(keep_error=True, **{f"f{f[0]}": -30.0, f"f{f[1]}": -30.0})),
+               HookEntry(1, a, edit(**{f"f{f[2]}": 0.0})),
+               HookEntry(0, a, edit(keep_error=True, condition="token", **{f"f{f[3]}": 50.0})),
+               HookEntry(2, b, edit(keep_error=True, **{"f1": 20.0})),
+               HookEntry(1, b, edit(keep_error=True, **{"f2": -20.0}))]
+    N = 12
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(6)) * 5
+    profiles = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2, 3, 1, 0, 2])  # 3: a profile with nothing here
+    ctx = HookContext.build(profiles, torch.arange(N), torch.full((N,), 4), {}, "cpu")
+    out = ResidualHook(Hookpoint(0, "post"), entries)(x, ctx)
+    for t in range(N):
+        want = x[t:t + 1]
+        for e in entries:
+            if e.profile == int(profiles[t]):
+                want = apply_edits(want, e.sae, e.edit)[0]
+        torch.testing.assert_close(out[t:t + 1], want, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(out, x)
