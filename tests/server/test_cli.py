@@ -94,6 +94,7 @@ def test_bench_bad_arguments_fail_before_any_server_starts():
 def test_parallel_flags_need_the_vllm_engine():
     assert "need --engine vllm" in one_line_error(obliviate("serve", "--tensor-parallel-size", "2"))
     assert "invalid choice: 'tgi'" in one_line_error(obliviate("serve", "--engine", "tgi"))
+    assert "--enforce-eager needs --engine vllm" in one_line_error(obliviate("serve", "--enforce-eager"))
 
 
 def final_error(r):
