@@ -128,4 +128,3 @@ class EditLoader(DefaultModelLoader):
         model = super().load_model(vllm_config=vllm_config, model_config=model_config, **kwargs)
         model.obliviate_boundaries = place_boundaries(model, vllm_config.compilation_config.static_forward_context)
         return model
-

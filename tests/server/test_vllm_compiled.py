@@ -13,7 +13,7 @@ import yaml
 from ablation.spec import default_profiles_dir, load_profiles
 from server.live import ServerProcess
 from tests.helpers import staggered_texts
-from tests.server.test_vllm_engine import LOGPROB_ATOL, PROMPTS, SHIPPED, TEST_MODES
+from tests.server.test_vllm_engine import LOGPROB_ATOL, PROMPTS, SHIPPED, TEST_MODES, complete
 
 ADAPTERS = {"hp_rmu", "hp_npo"}  # vLLM's CPU backend runs eagerly whenever LoRA is on: not served here
 MODES = [p for p in SHIPPED if p not in ADAPTERS] + TEST_MODES
@@ -67,16 +67,9 @@ def test_compiled_equals_eager_under_every_profile_mode(compiled, vllm_server):
 def test_mixed_profile_batch_rows_equal_solo_rows(compiled):
     profiles = ["baseline", "hp_unlearn", "t_sequence", "prompted", "t_clamp", "sw_unlearn", "t_steer"]
     jobs = [(p, PROMPTS[j % len(PROMPTS)]) for j, p in enumerate(profiles * 2)]
-    solo = {job: batch_one(compiled.url, *job) for job in set(jobs)}
+    solo = {(p, q): complete(compiled.url, q, p, max_tokens=10)["text"] for p, q in set(jobs)}
     for job, text in zip(jobs, staggered_texts(compiled.url, jobs, 10)):
         assert text == solo[job], job
-
-
-def batch_one(url: str, profile: str, prompt: str) -> str:
-    body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "profile": profile}
-    r = httpx.post(url + "/v1/completions", json=body, timeout=300)
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("hookpoint", ["blocks.0.hook_resid_pre", "blocks.9.hook_resid_pre",
